@@ -1,0 +1,32 @@
+from setuptools import find_packages, setup
+
+
+setup(
+    name="slime-hf",
+    version="0.1.0",
+    description="SliME (Beyond LLaVA-HD, arXiv 2406.08487) as a Hugging Face transformers 5.x model",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=find_packages(include=["slime_hf", "slime_hf.*"]),
+    package_data={"slime_hf": ["assets/*", "assets/**/*"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.6",
+        "transformers>=5.17,<6",
+        "safetensors",
+        "huggingface_hub",
+        "accelerate",
+        "pillow",
+        "numpy",
+        "sentencepiece",
+        "protobuf",
+        "tqdm",
+    ],
+    extras_require={
+        "train": ["peft", "datasets"],
+        "deepspeed": ["deepspeed"],
+        "flash": ["flash-attn"],
+        "dev": ["pytest", "pytest-timeout", "matplotlib", "peft", "datasets"],
+    },
+)

@@ -1,0 +1,1023 @@
+"""SliME: CLIP vision tower, global adapter, local compressor, text-guided router and a decoder-only LLM."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from transformers import AutoModel, CLIPVisionConfig, GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.utils import ModelOutput
+
+from .configuration_slime import CLIP_VIT_L_336, SliMEConfig
+from .image_processing_slime import get_slice_grid
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The ONE table of the authors' weight names (llava_llama layout) -> package names. Read at load time, never written.
+# ----------------------------------------------------------------------------------------------------------------
+_RESAMPLER_PARTS = {
+    "query": "queries",
+    "pos_embed": "position_table",
+    "attn.in_proj_weight": "attn.in_proj_weight",
+    "attn.in_proj_bias": "attn.in_proj_bias",
+    "attn.out_proj.weight": "attn.out_proj.weight",
+    "attn.out_proj.bias": "attn.out_proj.bias",
+    "ln_q.weight": "norm_queries.weight",
+    "ln_q.bias": "norm_queries.bias",
+    "ln_kv.weight": "norm_inputs.weight",
+    "ln_kv.bias": "norm_inputs.bias",
+    "ln_post.weight": "norm_output.weight",
+    "ln_post.bias": "norm_output.bias",
+}
+ORIGINAL_TO_PACKAGE_NAMES: dict[str, str] = {
+    "model.mm_projector.projection.0.weight": "model.projector.linear_1.weight",
+    "model.mm_projector.projection.0.bias": "model.projector.linear_1.bias",
+    "model.mm_projector.projection.2.weight": "model.projector.linear_2.weight",
+    "model.mm_projector.projection.2.bias": "model.projector.linear_2.bias",
+    "model.mm_projector.w_gate": "model.global_adapter.gate_weight",
+    "model.mm_projector.w_noise": "model.global_adapter.gate_noise_weight",
+    **{f"model.mm_projector.attn.{k}": f"model.global_adapter.attention_expert.{v}" for k, v in _RESAMPLER_PARTS.items()},
+    **{f"model.sampler.post_qformer.{k}": f"model.local_compressor.{v}" for k, v in _RESAMPLER_PARTS.items()},
+}
+ORIGINAL_TO_PACKAGE_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("model.vision_tower.vision_tower.", "model.vision_tower."),
+    ("model.embed_tokens.", "model.language_model.embed_tokens."),
+    ("model.layers.", "model.language_model.layers."),
+    ("model.norm.", "model.language_model.norm."),
+    ("lm_head.", "lm_head."),
+)
+# The original's dead gate buffers (only used by discarded load-balancing code) and old CLIP position-id buffers.
+ORIGINAL_DROPPED_NAMES = re.compile(r"^model\.mm_projector\.(mean|std)$|\.embeddings\.position_ids$")
+
+
+def rename_original_key(key: str) -> str | None:
+    """Maps one weight name of the authors' `llava_llama` layout to the package's name (`None`: dropped).
+
+    Accepts the names with or without the leading `model.` of the language model wrapper (`base_model.model.` of
+    peft files is the caller's business). Raises `KeyError` for a name the table does not know.
+    """
+    if ORIGINAL_DROPPED_NAMES.search(key):
+        return None
+    if key in ORIGINAL_TO_PACKAGE_NAMES:
+        return ORIGINAL_TO_PACKAGE_NAMES[key]
+    for old, new in ORIGINAL_TO_PACKAGE_PREFIXES:
+        if key.startswith(old):
+            return new + key[len(old) :]
+    raise KeyError(f"unknown weight name in the authors' layout: {key!r}")
+
+
+def rename_original_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Renames a whole state dict of the authors' layout, dropping the dead buffers."""
+    renamed = {}
+    for key, tensor in state_dict.items():
+        new_key = rename_original_key(key)
+        if new_key is not None:
+            renamed[new_key] = tensor
+    return renamed
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config of the authors' layout -> SliMEConfig
+# ----------------------------------------------------------------------------------------------------------------
+KNOWN_VISION_TOWERS = {
+    "openai/clip-vit-large-patch14-336": CLIP_VIT_L_336,
+}
+_ORIGINAL_MM_FIELDS = (
+    "mm_vision_tower", "mm_hidden_size", "mm_vision_select_layer", "mm_vision_select_feature", "mm_projector_type",
+    "mm_learnable_gated", "mm_resampler_type", "mm_resampler_dim", "mm_resampler_topp", "mm_resampler_temp",
+    "seperator", "use_global_only", "use_local_only", "mm_patch_merge_type", "image_aspect_ratio",
+    "image_grid_pinpoints", "tokenizer_padding_side", "tokenizer_model_max_length", "use_mm_proj",
+    "tune_mm_mlp_adapter", "freeze_mm_mlp_adapter", "mm_use_im_start_end", "mm_use_im_patch_token",
+    "mm_projector_lr", "architectures", "model_type", "_name_or_path", "transformers_version", "torch_dtype",
+    "dtype", "vision_tower", "mm_vision_tower_lr", "unfreeze_mm_vision_tower",
+)
+_GATED_MODES = {-1: "mixture", 0: "mlp", 1: "attention"}
+
+
+def is_original_layout(config_dict: dict) -> bool:
+    """Whether a `config.json` dict is the authors' `llava_llama` layout."""
+    return config_dict.get("model_type") == "llava_llama" or "mm_vision_tower" in config_dict
+
+
+def resolve_vision_config(vision_tower: str, checkpoint_dir: str | None = None) -> tuple[CLIPVisionConfig, str | None]:
+    """Resolves `mm_vision_tower` to a CLIP vision config and, when local, the directory holding its weights.
+
+    Order: a local directory (absolute, or relative to the checkpoint's directory), the known OpenAI CLIP ids
+    (built-in configs; the CLIP weights are inside every release), then the Hub.
+    """
+    candidates = [vision_tower]
+    if checkpoint_dir is not None and not os.path.isabs(vision_tower):
+        candidates.insert(0, os.path.join(checkpoint_dir, vision_tower))
+    for candidate in candidates:
+        if os.path.isdir(candidate):
+            return CLIPVisionConfig.from_pretrained(candidate), candidate
+    if vision_tower in KNOWN_VISION_TOWERS:
+        return CLIPVisionConfig(**KNOWN_VISION_TOWERS[vision_tower]), None
+    try:
+        return CLIPVisionConfig.from_pretrained(vision_tower), None
+    except Exception as error:  # noqa: BLE001 - re-raised with the context a user needs
+        raise ValueError(
+            f"cannot resolve the vision tower {vision_tower!r}: not a local directory (also tried relative to "
+            f"{checkpoint_dir!r}), not a known CLIP id ({sorted(KNOWN_VISION_TOWERS)}), and the Hub failed: {error}"
+        ) from error
+
+
+def config_from_original(config_dict: dict, checkpoint_dir: str | None = None) -> tuple[SliMEConfig, str | None]:
+    """Translates a `llava_llama` config dict of the authors' code into a [`SliMEConfig`].
+
+    Returns the config and the local vision tower directory (if `mm_vision_tower` resolved to one).
+    """
+    unsupported = {
+        "mm_projector_type": ("gated",),
+        "mm_resampler_type": ("cosine",),
+        "mm_patch_merge_type": ("spatial",),
+        "mm_vision_select_feature": ("patch",),
+        "image_aspect_ratio": ("anyres",),
+    }
+    for field, allowed in unsupported.items():
+        value = config_dict.get(field, allowed[0])
+        if value not in allowed:
+            raise ValueError(f"this checkpoint has {field}={value!r}; SliME releases use {allowed[0]!r}")
+    if config_dict.get("mm_use_im_start_end"):
+        raise ValueError("this checkpoint uses mm_use_im_start_end=True, which SliME releases never do")
+    if "mm_vision_tower" not in config_dict:
+        raise ValueError("this config has no `mm_vision_tower`: it is not a SliME checkpoint in the authors' layout")
+
+    vision_config, vision_dir = resolve_vision_config(config_dict["mm_vision_tower"], checkpoint_dir)
+    if config_dict.get("mm_hidden_size", vision_config.hidden_size) != vision_config.hidden_size:
+        raise ValueError(
+            f"mm_hidden_size={config_dict['mm_hidden_size']} does not match the vision tower's hidden size "
+            f"{vision_config.hidden_size}"
+        )
+    text_fields = {k: v for k, v in config_dict.items() if k not in _ORIGINAL_MM_FIELDS}
+    text_fields.pop("pad_token_id", None)
+    text_config = {"model_type": "llama", **text_fields, "pad_token_id": config_dict.get("pad_token_id")}
+    gated = int(config_dict.get("mm_learnable_gated", -1))
+    if gated not in _GATED_MODES:
+        raise ValueError(f"mm_learnable_gated must be -1, 0 or 1, got {gated}")
+    extra = {}
+    if "image_grid_pinpoints" in config_dict:
+        extra["image_grid_pinpoints"] = config_dict["image_grid_pinpoints"]
+    config = SliMEConfig(
+        text_config=text_config,
+        vision_config=vision_config.to_dict(),
+        image_token_id=config_dict["vocab_size"],
+        vision_feature_layer=config_dict.get("mm_vision_select_layer", -2),
+        global_adapter_mode=_GATED_MODES[gated],
+        local_compressor_num_queries=config_dict.get("mm_resampler_dim", 144),
+        router_top_p=config_dict.get("mm_resampler_topp", 0.95),
+        router_temperature=config_dict.get("mm_resampler_temp", 1.0),
+        separator_token_id=config_dict.get("seperator", 1919),
+        position_table_dtype="float16",
+        use_global_only=bool(config_dict.get("use_global_only", False)),
+        use_local_only=bool(config_dict.get("use_local_only", False)),
+        tie_word_embeddings=config_dict.get("tie_word_embeddings", False),
+        pad_token_id=config_dict.get("pad_token_id"),
+        bos_token_id=config_dict.get("bos_token_id"),
+        eos_token_id=config_dict.get("eos_token_id"),
+        **extra,
+    )
+    return config, vision_dir
+
+
+def load_original_state_dict(checkpoint_dir: str) -> dict[str, torch.Tensor]:
+    """Reads every weight shard of a checkpoint in the authors' layout (safetensors, or `.bin` with
+    `weights_only=True`), renamed to package names."""
+    from safetensors.torch import load_file
+
+    index_files = [f for f in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+                   if os.path.isfile(os.path.join(checkpoint_dir, f))]
+    if index_files:
+        with open(os.path.join(checkpoint_dir, index_files[0])) as handle:
+            shards = sorted(set(json.load(handle)["weight_map"].values()))
+    else:
+        shards = [f for f in ("model.safetensors", "pytorch_model.bin") if os.path.isfile(os.path.join(checkpoint_dir, f))]
+    if not shards:
+        raise ValueError(f"no weights (model*.safetensors or pytorch_model*.bin) found in {checkpoint_dir}")
+    state_dict = {}
+    for shard in shards:
+        path = os.path.join(checkpoint_dir, shard)
+        if not os.path.isfile(path):
+            raise ValueError(f"weight shard {shard} listed in the index is missing from {checkpoint_dir}")
+        try:
+            tensors = load_file(path) if shard.endswith(".safetensors") else torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001
+            raise ValueError(f"cannot read weight shard {path}: {error}") from error
+        state_dict.update(rename_original_state_dict(tensors))
+    return state_dict
+
+
+def load_vision_tower_weights(vision_dir: str) -> dict[str, torch.Tensor]:
+    """Reads a local CLIP checkpoint as `model.vision_tower.*` weights (full CLIP or vision-only names)."""
+    from safetensors.torch import load_file
+
+    path = os.path.join(vision_dir, "model.safetensors")
+    tensors = load_file(path) if os.path.isfile(path) else torch.load(
+        os.path.join(vision_dir, "pytorch_model.bin"), map_location="cpu", weights_only=True
+    )
+    return {
+        "model.vision_tower." + k: v for k, v in tensors.items()
+        if k.startswith("vision_model.") and not k.endswith("position_ids")
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------------------------
+def sincos_position_table(dim: int, grid_size: int) -> torch.Tensor:
+    """2-D sin-cos table (grid_size**2, dim) in float32, computed in numpy exactly as the original: the first half
+    encodes the column, the second the row, each as [sin, cos]."""
+    omega = np.arange(dim // 4, dtype=np.float32)
+    omega /= dim / 4.0
+    omega = 1.0 / 10000**omega
+    grid = np.arange(grid_size, dtype=np.float32)
+    columns, rows = np.meshgrid(grid, grid)
+
+    def encode(positions):
+        out = np.einsum("m,d->md", positions.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    return torch.from_numpy(np.concatenate([encode(columns), encode(rows)], axis=1).astype(np.float32))
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+class SliMEResampler(nn.Module):
+    """One cross-attention layer of learned queries over vision patches, with sin-cos position tables.
+
+    Queries get the stored table, keys get it bicubically resized to the input grid (rounded to
+    `config.position_table_dtype`, as the original), values get no position.
+    """
+
+    def __init__(self, config: SliMEConfig, num_queries: int):
+        super().__init__()
+        hidden = config.vision_config.hidden_size
+        self.grid_size = math.isqrt(num_queries)
+        self.table_dtype = _torch_dtype(config.position_table_dtype)
+        self.queries = nn.Parameter(torch.zeros(num_queries, hidden))
+        self.position_table = nn.Parameter(
+            sincos_position_table(hidden, self.grid_size).to(self.table_dtype), requires_grad=False
+        )
+        self.attn = nn.MultiheadAttention(hidden, max(1, hidden // config.resampler_head_dim))
+        eps = config.resampler_layer_norm_eps
+        self.norm_queries = nn.LayerNorm(hidden, eps=eps)
+        self.norm_inputs = nn.LayerNorm(hidden, eps=eps)
+        self.norm_output = nn.LayerNorm(hidden, eps=eps)
+
+    def key_position_table(self, input_grid: int) -> torch.Tensor:
+        table = self.position_table.detach()
+        if input_grid != self.grid_size:
+            side = self.grid_size
+            table = F.interpolate(
+                table.float().reshape(1, side, side, -1).permute(0, 3, 1, 2),
+                size=(input_grid, input_grid),
+                mode="bicubic",
+                align_corners=False,
+            ).permute(0, 2, 3, 1).flatten(0, 2)
+        return table.to(self.table_dtype)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """features (N, L, C) with L a square number -> (N, num_queries, C)."""
+        batch, length, _ = features.shape
+        input_grid = math.isqrt(length)
+        if input_grid * input_grid != length:
+            raise ValueError(f"the resampler needs a square number of input tokens, got {length}")
+        dtype = features.dtype
+        key_positions = self.key_position_table(input_grid).to(dtype)
+        query_positions = self.position_table.detach().to(self.table_dtype).to(dtype)
+        inputs = self.norm_inputs(features).permute(1, 0, 2)  # sequence-first, as nn.MultiheadAttention expects
+        queries = self.norm_queries(self.queries).unsqueeze(1).repeat(1, batch, 1) + query_positions.unsqueeze(1)
+        out = self.attn(queries, inputs + key_positions.unsqueeze(1), inputs)[0]
+        return self.norm_output(out.permute(1, 0, 2))
+
+
+class SliMEProjector(nn.Module):
+    """The MLP expert (Linear, GELU, Linear): projects vision width to the LLM width. One module, used by the
+    global mixture and by every local token."""
+
+    def __init__(self, config: SliMEConfig):
+        super().__init__()
+        self.linear_1 = nn.Linear(config.vision_config.hidden_size, config.text_config.hidden_size)
+        self.act = ACT2FN["gelu"]
+        self.linear_2 = nn.Linear(config.text_config.hidden_size, config.text_config.hidden_size)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(features)))
+
+
+class SliMEGlobalAdapter(nn.Module):
+    """The global view's adapter: a per-token softmax gate mixing the MLP expert `P(x)` and the attention expert
+    `P(R(x))` (R = resampler with one query per vision patch). The MLP expert is passed in, not owned."""
+
+    def __init__(self, config: SliMEConfig):
+        super().__init__()
+        self.mode = config.global_adapter_mode
+        self.noise_epsilon = config.gate_noise_epsilon
+        self.noise_uses_noise_weight = config.gate_noise_uses_noise_weight
+        hidden = config.vision_config.hidden_size
+        self.attention_expert = SliMEResampler(config, config.num_global_queries)
+        self.gate_weight = nn.Parameter(torch.zeros(hidden, 2))
+        self.gate_noise_weight = nn.Parameter(torch.zeros(hidden, 2))
+
+    def gates(self, features: torch.Tensor) -> torch.Tensor:
+        """features (T, C) -> gates (T, 2): softmax, top-2 of 2 renormalised with the original's 1e-6."""
+        logits = features @ self.gate_weight.to(features.dtype)
+        if self.training:
+            noise_weight = self.gate_noise_weight if self.noise_uses_noise_weight else self.gate_weight
+            noise_std = F.softplus(features @ noise_weight.to(features.dtype)) + self.noise_epsilon
+            logits = logits + torch.randn_like(logits) * noise_std
+        probs = torch.softmax(logits, dim=1)
+        top_values, top_indices = probs.topk(2, dim=1)
+        top_gates = top_values / (top_values.sum(1, keepdim=True) + 1e-6)
+        return torch.zeros_like(probs).scatter(1, top_indices, top_gates)
+
+    def forward(self, features: torch.Tensor, projector: SliMEProjector) -> torch.Tensor:
+        """features (N, 576, C) of global views -> (N, 576, d)."""
+        if self.mode == "mlp":
+            return projector(features)
+        attention_out = projector(self.attention_expert(features))
+        if self.mode == "attention":
+            return attention_out
+        batch, length, width = features.shape
+        gates = self.gates(features.reshape(batch * length, width)).reshape(batch, length, 2)
+        experts = torch.stack([projector(features), attention_out], dim=-1)
+        return torch.matmul(experts, gates.unsqueeze(-1)).squeeze(-1)
+
+
+class SliMECosineRouter(nn.Module):
+    """Text-guided router: score = masked SUM over the prompt of the cosine similarity between a local token and
+    each text embedding; keep the top-p of softmax(score / temperature) plus one, in ascending order."""
+
+    def __init__(self, config: SliMEConfig):
+        super().__init__()
+        self.temperature = config.router_temperature
+        self.noise_std = config.router_noise_std
+
+    @staticmethod
+    def scores(local_tokens: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """local_tokens (L, d), text (T, d), text_mask (T,) bool -> scores (L,). Chunked over L (bit-identical to
+        the unchunked broadcast, which would need L*T*d memory)."""
+        chunk = max(1, (1 << 24) // max(1, text.shape[0] * text.shape[1]))
+        dropped = ~text_mask.bool()
+        out = []
+        for start in range(0, local_tokens.shape[0], chunk):
+            cos = F.cosine_similarity(local_tokens[start : start + chunk].unsqueeze(1), text.unsqueeze(0), dim=-1)
+            out.append(cos.masked_fill(dropped.unsqueeze(0), 0.0).sum(dim=-1))
+        return torch.cat(out)
+
+    def select(self, scores: torch.Tensor, top_p: float) -> torch.Tensor:
+        """scores (L,) -> kept indices, ascending (same float32 ops as the original, for identical cuts)."""
+        if self.training and self.noise_std:
+            scores = scores + torch.randn_like(scores) * self.noise_std
+        probs = torch.softmax(scores / self.temperature, dim=-1)
+        sorted_probs, sorted_indices = torch.sort(probs, descending=True)
+        cumulative = torch.cumsum(sorted_probs, dim=0)
+        within = int((cumulative <= top_p).sum())
+        if within < sorted_indices.numel():
+            kept = sorted_indices[: within + 1]
+        else:
+            kept = torch.arange(sorted_indices.numel(), device=scores.device)
+        return kept.sort().values
+
+
+def _cache_argument_name(module: nn.Module) -> str:
+    """The KV-cache argument of a text model's forward: `cache` in newer transformers, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def _cache_output(outputs) -> dict:
+    """The KV cache of a text model's output under the field name this transformers version uses."""
+    if "cache" in getattr(outputs, "__dataclass_fields__", {}):
+        return {"cache": outputs.cache}
+    return {"past_key_values": outputs.past_key_values}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class SliMEImageFeatures(ModelOutput):
+    """What the vision path produces for a batch of images.
+
+    Args:
+        image_features (`list[torch.FloatTensor]`): per image, the token block the LLM sees in place of its
+            `<image>`: `[global (576); separator (1); kept local]` (or one part only under the stage switches).
+        selected_indices (`list[torch.LongTensor]`): per image, kept positions in the merged local raster
+            (empty under `use_global_only`).
+        image_token_budget (`list[dict]`): per image, `global`, `separator`, `local_kept`, `local_total`, `total`.
+        router_scores (`list[torch.FloatTensor]`): per image, the router's scores of every local token.
+        local_tokens (`list[torch.FloatTensor]`): per image, all projected local tokens in merged raster order.
+        global_tokens (`list[torch.FloatTensor]`): per image, the global adapter's 576 tokens.
+    """
+
+    image_features: list | None = None
+    selected_indices: list | None = None
+    image_token_budget: list | None = None
+    router_scores: list | None = None
+    local_tokens: list | None = None
+    global_tokens: list | None = None
+
+
+@dataclass
+class SliMEModelOutputWithPast(ModelOutput):
+    """Output of [`SliMEModel`]: the text model's output plus the assembled sequence's bookkeeping.
+
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(batch, assembled_length, hidden)`).
+        past_key_values (`Cache`, *optional*).
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*).
+        attentions (`tuple(torch.FloatTensor)`, *optional*).
+        attention_mask (`torch.LongTensor` of shape `(batch, assembled_length)`): mask of the assembled sequence.
+        labels (`torch.LongTensor`, *optional*): labels aligned with the assembled sequence (image positions -100).
+        selected_indices (`list[torch.LongTensor]`, *optional*): per image, the kept local token indices.
+        image_token_budget (`list[dict]`, *optional*): per image, tokens the LLM sees (see [`SliMEImageFeatures`]).
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    cache: Any = None
+    past_key_values: Any = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+    attention_mask: torch.LongTensor | None = None
+    labels: torch.LongTensor | None = None
+    selected_indices: list | None = None
+    image_token_budget: list | None = None
+
+
+@dataclass
+class SliMECausalLMOutputWithPast(ModelOutput):
+    """Output of [`SliMEForConditionalGeneration`].
+
+    Args:
+        loss (`torch.FloatTensor`, *optional*): next-token loss over the assembled labels.
+        logits (`torch.FloatTensor` of shape `(batch, assembled_length, vocab)`).
+        past_key_values, hidden_states, attentions: as for any causal LM.
+        attention_mask (`torch.LongTensor`): mask of the assembled sequence (what the logits are aligned with).
+        selected_indices (`list[torch.LongTensor]`, *optional*): per image, the kept local token indices.
+        image_token_budget (`list[dict]`, *optional*): per image, `global`, `separator`, `local_kept`,
+            `local_total`, `total`.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    cache: Any = None
+    past_key_values: Any = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+    attention_mask: torch.LongTensor | None = None
+    selected_indices: list | None = None
+    image_token_budget: list | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------
+class SliMEPreTrainedModel(PreTrainedModel):
+    config_class = SliMEConfig
+    config: SliMEConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["SliMEResampler", "SliMEGlobalAdapter", "SliMEProjector"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, SliMEResampler):
+            nn.init.trunc_normal_(module.queries, std=0.02)
+            table = sincos_position_table(module.position_table.shape[1], module.grid_size)
+            module.position_table.copy_(table.to(module.table_dtype).to(module.position_table.dtype))
+        elif isinstance(module, SliMEGlobalAdapter):
+            module.gate_weight.zero_()
+            module.gate_noise_weight.zero_()
+
+
+class SliMEModel(SliMEPreTrainedModel):
+    """SliME without the language-model head: vision path, assembly of the LLM input, text model."""
+
+    def __init__(self, config: SliMEConfig):
+        super().__init__(config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.projector = SliMEProjector(config)
+        self.global_adapter = SliMEGlobalAdapter(config)
+        self.local_compressor = SliMEResampler(config, config.local_compressor_num_queries)
+        self.router = SliMECosineRouter(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    # -- checks -------------------------------------------------------------------------------------------------
+    def _check_image_inputs(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> list[tuple[int, int]]:
+        if not torch.is_tensor(pixel_values) or not torch.is_floating_point(pixel_values):
+            raise ValueError(f"pixel_values must be a floating-point tensor, got {type(pixel_values).__name__} "
+                             f"{getattr(pixel_values, 'dtype', '')}")
+        tile = self.config.vision_config.image_size
+        if pixel_values.ndim != 5 or tuple(pixel_values.shape[2:]) != (3, tile, tile):
+            raise ValueError(f"pixel_values must have shape (num_images, max_views, 3, {tile}, {tile}), "
+                             f"got {tuple(pixel_values.shape)}")
+        if image_sizes is None:
+            raise ValueError("image_sizes (num_images, 2) as (height, width) is required with pixel_values")
+        if not torch.is_tensor(image_sizes):
+            image_sizes = torch.as_tensor(image_sizes)
+        if torch.is_floating_point(image_sizes) or image_sizes.ndim != 2 or image_sizes.shape[1] != 2:
+            raise ValueError(f"image_sizes must be an integer tensor of shape (num_images, 2), got "
+                             f"{tuple(image_sizes.shape)} {image_sizes.dtype}")
+        if image_sizes.shape[0] != pixel_values.shape[0]:
+            raise ValueError(f"pixel_values holds {pixel_values.shape[0]} images but image_sizes "
+                             f"{image_sizes.shape[0]}")
+        sizes = [(int(h), int(w)) for h, w in image_sizes.tolist()]
+        for index, size in enumerate(sizes):
+            rows, cols = get_slice_grid(size)
+            if rows * cols + 1 > pixel_values.shape[1]:
+                raise ValueError(f"image {index} of size {size} needs {rows * cols + 1} views but pixel_values "
+                                 f"has only {pixel_values.shape[1]}")
+        return sizes
+
+    # -- vision path --------------------------------------------------------------------------------------------
+    def encode_views(self, views: torch.Tensor) -> torch.Tensor:
+        """views (V, 3, H, W) -> patch features (V, P, C) of `config.vision_feature_layer`, CLS dropped. Frozen."""
+        tower = self.vision_tower
+        with torch.no_grad():
+            out = tower(views.to(tower.dtype), output_hidden_states=True)
+        return out.hidden_states[self.config.vision_feature_layer][:, 1:]
+
+    def _text_for_routing(self, input_ids, attention_mask, labels, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text the router compares one sample's images with, laid out as the original: the sample's
+        non-image tokens embedded, then one zero row (masked) per removed image placeholder."""
+        ids = input_ids[row]
+        real = attention_mask[row].bool() if attention_mask is not None else torch.ones_like(ids, dtype=torch.bool)
+        ids = ids[real]
+        is_image = ids == self.config.image_token_id
+        text_ids = ids[~is_image]
+        text_mask = torch.ones_like(text_ids, dtype=torch.bool)
+        if labels is not None and not self.config.router_reads_answers:
+            text_mask = labels[row][real][~is_image] == -100
+        embeds = self.get_input_embeddings()(text_ids)
+        num_images = int(is_image.sum())
+        embeds = torch.cat([embeds, embeds.new_zeros(num_images, embeds.shape[-1])])
+        text_mask = torch.cat([text_mask, text_mask.new_zeros(num_images)])
+        return embeds, text_mask
+
+    def get_image_features(
+        self,
+        pixel_values: torch.FloatTensor,
+        image_sizes: torch.LongTensor,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        router_top_p: float | None = None,
+        image_to_row: list[int] | None = None,
+    ) -> SliMEImageFeatures:
+        """Runs the vision path for every image of the batch.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(num_images, max_views, 3, 336, 336)`): from the processor.
+            image_sizes (`torch.LongTensor` of shape `(num_images, 2)`): (height, width) of each original image.
+            input_ids (`torch.LongTensor`, *optional*): the prompts; each image is routed against its own sample's
+                text. Needed unless `use_global_only`.
+            attention_mask (`torch.Tensor`, *optional*): padding mask of `input_ids`.
+            labels (`torch.LongTensor`, *optional*): training labels (for `router_reads_answers=False`).
+            router_top_p (`float`, *optional*): overrides `config.router_top_p` for this call.
+            image_to_row (`list[int]`, *optional*): the sample (row) of each image; derived from the image tokens
+                of `input_ids` when omitted.
+        """
+        config = self.config
+        sizes = self._check_image_inputs(pixel_values, image_sizes)
+        top_p = config.router_top_p if router_top_p is None else float(router_top_p)
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"router_top_p must be in (0, 1], got {top_p}")
+        grids = [get_slice_grid(size) for size in sizes]
+        use_global = not config.use_local_only
+        use_local = not config.use_global_only
+        if use_local and input_ids is None:
+            raise ValueError("input_ids are needed to route the local tokens against the prompt")
+        if image_to_row is None and input_ids is not None:
+            image_to_row = self._image_rows(input_ids, attention_mask)
+        if image_to_row is not None and len(image_to_row) != len(sizes):
+            raise ValueError(f"the prompts hold {len(image_to_row)} image placeholders but {len(sizes)} images "
+                             "were given")
+
+        # One vision-tower call over the real views of the whole batch (global views first, then local crops).
+        view_counts = [rows * cols for rows, cols in grids]
+        views = []
+        if use_global:
+            views.append(pixel_values[:, 0])
+        if use_local:
+            views.extend(pixel_values[i, 1 : 1 + n] for i, n in enumerate(view_counts))
+        adapter_dtype = self.projector.linear_1.weight.dtype
+        features = self.encode_views(torch.cat(views)).to(adapter_dtype)
+
+        num_images = len(sizes)
+        global_tokens = [None] * num_images
+        if use_global:
+            global_out = self.global_adapter(features[:num_images], self.projector)
+            global_tokens = list(global_out.unbind(0))
+            features = features[num_images:]
+
+        separator = None
+        if use_global and use_local:
+            separator_id = torch.tensor([config.separator_token_id], device=pixel_values.device)
+            separator = self.get_input_embeddings()(separator_id).to(adapter_dtype)
+
+        local_tokens, scores_list, kept_list, blocks, budgets = [], [], [], [], []
+        if use_local:
+            compressed = self.projector(self.local_compressor(features))  # (total crops, q, d)
+            side = self.local_compressor.grid_size
+            per_image = compressed.split(view_counts)
+            text_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+            for index, ((rows, cols), crops) in enumerate(zip(grids, per_image)):
+                merged = crops.view(rows, cols, side, side, -1).permute(0, 2, 1, 3, 4).flatten(0, 3)
+                row = image_to_row[index]
+                if row not in text_cache:
+                    text_cache[row] = self._text_for_routing(input_ids, attention_mask, labels, row)
+                text, text_mask = text_cache[row]
+                scores = self.router.scores(merged, text.to(merged.dtype), text_mask)
+                kept = self.router.select(scores.float() if scores.dtype != torch.float32 else scores, top_p)
+                local_tokens.append(merged)
+                scores_list.append(scores)
+                kept_list.append(kept)
+        for index in range(num_images):
+            parts = []
+            budget = {"global": 0, "separator": 0, "local_kept": 0, "local_total": 0}
+            if use_global:
+                parts.append(global_tokens[index])
+                budget["global"] = global_tokens[index].shape[0]
+            if separator is not None:
+                parts.append(separator)
+                budget["separator"] = 1
+            if use_local:
+                parts.append(local_tokens[index][kept_list[index]])
+                budget["local_kept"] = int(kept_list[index].numel())
+                budget["local_total"] = int(local_tokens[index].shape[0])
+            budget["total"] = budget["global"] + budget["separator"] + budget["local_kept"]
+            blocks.append(torch.cat(parts))
+            budgets.append(budget)
+        empty = torch.empty(0, dtype=torch.long, device=pixel_values.device)
+        return SliMEImageFeatures(
+            image_features=blocks,
+            selected_indices=kept_list if use_local else [empty] * num_images,
+            image_token_budget=budgets,
+            router_scores=scores_list or None,
+            local_tokens=local_tokens or None,
+            global_tokens=global_tokens if use_global else None,
+        )
+
+    def _image_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[int]:
+        is_image = input_ids == self.config.image_token_id
+        if attention_mask is not None:
+            is_image = is_image & attention_mask.bool()
+        return is_image.nonzero()[:, 0].tolist()
+
+    # -- assembly -----------------------------------------------------------------------------------------------
+    def assemble_inputs(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        image_features: list[torch.Tensor],
+        labels: torch.LongTensor | None = None,
+        padding_side: str | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Splices each image's token block at its image token and compacts every row: padding and dropped
+        tokens never reach the LLM; rows are re-padded (left for generation, right when `labels` are given).
+
+        Returns `(inputs_embeds, attention_mask, position_ids, labels)` of the assembled sequence.
+        """
+        if padding_side is None:
+            padding_side = "right" if labels is not None else "left"
+        batch, length = input_ids.shape
+        device = input_ids.device
+        real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        is_image = (input_ids == self.config.image_token_id) & real
+        if int(is_image.sum()) != len(image_features):
+            raise ValueError(f"the prompts hold {int(is_image.sum())} image placeholders but {len(image_features)} "
+                             "images were given")
+        embed = self.get_input_embeddings()
+        text_embeds = embed(input_ids.masked_fill(is_image, 0))
+        dtype = text_embeds.dtype
+
+        # Every real token occupies one position, an image token the length of its block.
+        counts = real.long()
+        if image_features:
+            block_lengths = torch.tensor([f.shape[0] for f in image_features], device=device)
+            counts = counts.masked_scatter(is_image, block_lengths)
+        lengths = counts.sum(1)
+        total = int(lengths.max()) if batch else 0
+        limit = getattr(self.config.text_config, "max_position_embeddings", None)
+        if limit is not None and total > limit:
+            raise ValueError(f"the assembled sequence has {total} positions (text + image tokens), "
+                             f"{total - limit} more than the text model's max_position_embeddings={limit}")
+        offsets = (total - lengths) if padding_side == "left" else torch.zeros_like(lengths)
+        starts = counts.cumsum(1) - counts + offsets.unsqueeze(1)
+
+        out = text_embeds.new_zeros(batch, total, text_embeds.shape[-1])
+        is_text = real & ~is_image
+        rows, cols = is_text.nonzero(as_tuple=True)
+        out = out.index_put((rows, starts[rows, cols]), text_embeds[rows, cols])
+        if image_features:
+            image_rows, image_cols = is_image.nonzero(as_tuple=True)
+            block_rows = image_rows.repeat_interleave(block_lengths)
+            within = torch.arange(int(block_lengths.sum()), device=device) - (
+                block_lengths.cumsum(0) - block_lengths
+            ).repeat_interleave(block_lengths)
+            block_pos = starts[image_rows, image_cols].repeat_interleave(block_lengths) + within
+            out = out.index_put((block_rows, block_pos), torch.cat(image_features).to(dtype))
+
+        positions = torch.arange(total, device=device).unsqueeze(0) - offsets.unsqueeze(1)
+        new_mask = ((positions >= 0) & (positions < lengths.unsqueeze(1))).long()
+        position_ids = positions.clamp(min=0) * new_mask
+        new_labels = None
+        if labels is not None:
+            new_labels = torch.full((batch, total), -100, dtype=labels.dtype, device=device)
+            new_labels[rows, starts[rows, cols]] = labels[rows, cols]
+        return out, new_mask, position_ids, new_labels
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        image_sizes: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Any = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        router_top_p: float | None = None,
+        padding_side: str | None = None,
+        cache_position: torch.LongTensor | None = None,
+        cache: Any = None,
+        **kwargs,
+    ) -> SliMEModelOutputWithPast:
+        """Runs the vision path (if `pixel_values`), assembles the LLM input and runs the text model.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, length)`): prompts with one image token per image.
+            pixel_values (`torch.FloatTensor` of shape `(num_images, max_views, 3, 336, 336)`, *optional*).
+            image_sizes (`torch.LongTensor` of shape `(num_images, 2)`, *optional*): (height, width) per image.
+            attention_mask (`torch.Tensor` of shape `(batch, length)`, *optional*): padding mask of `input_ids`.
+            labels (`torch.LongTensor`, *optional*): training labels aligned with `input_ids`.
+            router_top_p (`float`, *optional*): overrides `config.router_top_p` for this call.
+            padding_side (`str`, *optional*): side of the re-padding of the assembled rows (`"left"` by default,
+                `"right"` when labels are given).
+        """
+        selected, budgets, new_labels = None, None, labels
+        if inputs_embeds is not None:
+            if input_ids is not None or pixel_values is not None:
+                raise ValueError("pass either input_ids (+ pixel_values) or inputs_embeds, not both")
+        elif input_ids is None:
+            raise ValueError("forward needs input_ids (or inputs_embeds)")
+        elif pixel_values is None:
+            if bool((input_ids == self.config.image_token_id).any()):
+                raise ValueError("the prompts hold image placeholders but no pixel_values were given")
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        else:
+            real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+            num_placeholders = int(((input_ids == self.config.image_token_id) & real).sum())
+            if num_placeholders != pixel_values.shape[0]:
+                raise ValueError(f"the prompts hold {num_placeholders} image placeholders but "
+                                 f"{pixel_values.shape[0]} images were given (pixel_values)")
+            image_outputs = self.get_image_features(
+                pixel_values, image_sizes, input_ids, attention_mask, labels, router_top_p
+            )
+            selected, budgets = image_outputs.selected_indices, image_outputs.image_token_budget
+            inputs_embeds, attention_mask, assembled_positions, new_labels = self.assemble_inputs(
+                input_ids, attention_mask, image_outputs.image_features, labels, padding_side
+            )
+            if position_ids is None:
+                position_ids = assembled_positions
+        cache = cache if cache is not None else past_key_values
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            cache_position=cache_position,
+            **{_cache_argument_name(self.language_model): cache},
+            **kwargs,
+        )
+        return SliMEModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            **_cache_output(outputs),
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            attention_mask=attention_mask,
+            labels=new_labels,
+            selected_indices=selected,
+            image_token_budget=budgets,
+        )
+
+
+class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
+    """SliME with its language-model head: `forward` for logits and loss, `generate` for answers.
+
+    `generate` runs the vision path once, builds the compacted left-padded input and its attention mask, decodes
+    with the KV cache, and returns the caller's `input_ids` followed by the new ids, so
+    `processor.batch_decode(out[:, inputs["input_ids"].shape[1]:])` is the answer.
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: SliMEConfig):
+        super().__init__(config)
+        self.model = SliMEModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def get_image_features(self, *args, **kwargs) -> SliMEImageFeatures:
+        """See [`SliMEModel.get_image_features`]."""
+        return self.model.get_image_features(*args, **kwargs)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        image_sizes: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Any = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        router_top_p: float | None = None,
+        padding_side: str | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        cache_position: torch.LongTensor | None = None,
+        cache: Any = None,
+        **kwargs,
+    ) -> SliMECausalLMOutputWithPast:
+        """Logits (and the loss when `labels` are given) over the assembled sequence.
+
+        Args: as [`SliMEModel.forward`], plus `logits_to_keep` (compute logits for the last N positions only).
+        The logits are aligned with the ASSEMBLED sequence (`outputs.attention_mask`), not with `input_ids`.
+
+        Example:
+
+        ```python
+        >>> outputs = model(**processor(images=image, text=prompt, return_tensors="pt"))
+        >>> outputs.logits[:, -1].argmax(-1)  # next token
+        >>> outputs.image_token_budget  # per image: global, separator, local kept of local total
+        ```
+        """
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            image_sizes=image_sizes,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            router_top_p=router_top_p,
+            padding_side=padding_side,
+            cache_position=cache_position,
+            **kwargs,
+        )
+        hidden = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=outputs.labels, vocab_size=self.config.text_config.vocab_size,
+                num_items_in_batch=num_items_in_batch,
+            )
+        return SliMECausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            **_cache_output(outputs),
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            attention_mask=outputs.attention_mask,
+            selected_indices=outputs.selected_indices,
+            image_token_budget=outputs.image_token_budget,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        image_sizes: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        router_top_p: float | None = None,
+        **kwargs,
+    ):
+        """Generates answers; returns `input_ids` followed by the new ids (or a `GenerateOutput` whose
+        `sequences` are, with `return_dict_in_generate=True`).
+
+        Args:
+            input_ids, pixel_values, image_sizes, attention_mask: as returned by [`SliMEProcessor`] (left padded).
+            router_top_p (`float`, *optional*): the router's top-p for this call (never a bare `top_p`: that is
+                nucleus sampling).
+            kwargs: any argument of [`~generation.GenerationMixin.generate`].
+        """
+        if kwargs.get("inputs_embeds") is not None:
+            return super().generate(attention_mask=attention_mask, **kwargs)
+        if input_ids is None:
+            raise ValueError("generate needs input_ids (from the processor)")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        padded_right = bool((attention_mask[:, -1] == 0).any())
+        if padded_right:
+            raise ValueError("generate needs left-padded prompts (processor(..., padding_side='left'), the default)")
+        inner = self.model
+        num_placeholders = int(((input_ids == self.config.image_token_id) & attention_mask.bool()).sum())
+        num_images = 0 if pixel_values is None else pixel_values.shape[0]
+        if num_placeholders != num_images:
+            raise ValueError(f"the prompts hold {num_placeholders} image placeholders but {num_images} images were "
+                             "given (pixel_values)")
+        features = []
+        if num_images:
+            image_outputs = inner.get_image_features(
+                pixel_values, image_sizes, input_ids, attention_mask, None, router_top_p
+            )
+            features = image_outputs.image_features
+            self.last_image_token_budget = image_outputs.image_token_budget
+            self.last_selected_indices = image_outputs.selected_indices
+        embeds, new_mask, _, _ = inner.assemble_inputs(input_ids, attention_mask, features, None, "left")
+        result = super().generate(inputs_embeds=embeds, attention_mask=new_mask, **kwargs)
+        if torch.is_tensor(result):
+            return torch.cat([input_ids, result.to(input_ids.device)], dim=1)
+        result.sequences = torch.cat([input_ids, result.sequences.to(input_ids.device)], dim=1)
+        return result
+
+    # -- loading the authors' layout -------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """Loads a saved or converted SliME folder, or a checkpoint in the authors' `llava_llama` layout (config
+        translated and weights renamed here; the CLIP weights are taken from inside the checkpoint, else from the
+        resolved `mm_vision_tower`)."""
+        path = str(pretrained_model_name_or_path) if pretrained_model_name_or_path is not None else None
+        config_file = os.path.join(path, "config.json") if path else None
+        if config_file and os.path.isfile(config_file) and kwargs.get("config") is None:
+            with open(config_file) as handle:
+                config_dict = json.load(handle)
+            if is_original_layout(config_dict):
+                config, vision_dir = config_from_original(config_dict, path)
+                state_dict = load_original_state_dict(path)
+                if not any(k.startswith("model.vision_tower.") for k in state_dict):
+                    if vision_dir is None:
+                        raise ValueError("the checkpoint holds no vision tower weights and mm_vision_tower is not a "
+                                         "local directory; convert it with --vision-tower")
+                    state_dict.update(load_vision_tower_weights(vision_dir))
+                kwargs.pop("trust_remote_code", None)
+                for key in ("attn_implementation",):
+                    if key in kwargs:
+                        config._attn_implementation = kwargs[key]
+                model = super().from_pretrained(
+                    None, *model_args, config=config, state_dict=state_dict, **kwargs
+                )
+                model.name_or_path = path
+                return model
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+
+__all__ = [
+    "SliMEPreTrainedModel",
+    "SliMEModel",
+    "SliMEForConditionalGeneration",
+    "ORIGINAL_TO_PACKAGE_NAMES",
+    "rename_original_key",
+    "rename_original_state_dict",
+    "config_from_original",
+]
