@@ -485,6 +485,33 @@ class SliMECausalLMOutputWithPast(ModelOutput):
 # ----------------------------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------------------------
+REMOTE_CODE_FILES = (
+    "configuration_slime.py",
+    "image_processing_slime.py",
+    "processing_slime.py",
+    "modeling_slime.py",
+)
+AUTO_MAP = {
+    "AutoConfig": "configuration_slime.SliMEConfig",
+    "AutoModel": "modeling_slime.SliMEForConditionalGeneration",
+    "AutoModelForImageTextToText": "modeling_slime.SliMEForConditionalGeneration",
+    "AutoModelForCausalLM": "modeling_slime.SliMEForConditionalGeneration",
+    "AutoProcessor": "processing_slime.SliMEProcessor",
+    "AutoImageProcessor": "image_processing_slime.SliMEImageProcessorPil",
+}
+
+
+def copy_remote_code(save_directory: str) -> None:
+    """Copies the self-contained code files next to saved weights, so `trust_remote_code=True` loads them."""
+    import shutil
+
+    source = os.path.dirname(os.path.abspath(__file__))
+    for name in REMOTE_CODE_FILES:
+        path = os.path.join(source, name)
+        if os.path.isfile(path) and os.path.abspath(os.path.join(save_directory, name)) != path:
+            shutil.copyfile(path, os.path.join(save_directory, name))
+
+
 class SliMEPreTrainedModel(PreTrainedModel):
     config_class = SliMEConfig
     config: SliMEConfig
@@ -499,6 +526,13 @@ class SliMEPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = False
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Saves weights (package names only), config with `auto_map`, and the code files for remote loading."""
+        self.config.auto_map = dict(AUTO_MAP)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            copy_remote_code(str(save_directory))
 
     @torch.no_grad()
     def _init_weights(self, module):
