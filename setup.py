@@ -9,7 +9,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=find_packages(include=["slime_hf", "slime_hf.*"]),
-    package_data={"slime_hf": ["assets/*", "assets/**/*"]},
+    package_data={"slime_hf": ["assets/*.png", "assets/demo_tokenizer/*"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.6",
