@@ -26,7 +26,10 @@ def _register() -> None:
     for auto_class in (AutoModel, AutoModelForImageTextToText, AutoModelForCausalLM):
         auto_class.register(SliMEConfig, SliMEForConditionalGeneration, exist_ok=True)
     AutoProcessor.register(SliMEConfig, SliMEProcessor, exist_ok=True)
-    register_image_processors(SliMEConfig)
+    try:
+        register_image_processors(SliMEConfig)
+    except ImportError:  # older transformers 5.x expose AutoImageProcessor only with torchvision installed
+        pass
     SliMEProcessor.register_for_auto_class("AutoProcessor")
     SliMEImageProcessorPil.register_for_auto_class("AutoImageProcessor")
 
