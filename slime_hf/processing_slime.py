@@ -1,0 +1,1031 @@
+# Copyright 2024 The SliME authors and the slime-hf contributors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Processor for SliME: tokenizer + image processor + chat templates.
+
+Every `<image>` placeholder in a prompt becomes ONE image token id in `input_ids` (the model replaces it by the
+image's global, separator and routed local tokens). The text around the placeholders is tokenised exactly as the
+original `tokenizer_image_token` did: every chunk between placeholders on its own, as the original (slow)
+tokenizer would.
+"""
+
+import json
+import os
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from transformers import AutoTokenizer
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+from transformers.tokenization_utils_base import AddedToken, PreTrainedTokenizerBase
+from transformers.utils import cached_file, logging
+
+from .image_processing_slime import SliMEImageProcessor, SliMEImageProcessorPil
+
+
+logger = logging.get_logger(__name__)
+
+IMAGE_TOKEN = "<image>"
+SPIECE_UNDERLINE = "\u2581"
+SENTENCEPIECE_MODEL_FILE = "tokenizer.model"
+_TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+_PROCESSOR_CONFIG_FILE = "processor_config.json"
+_IMAGE_PROCESSOR_CONFIG_FILE = "preprocessor_config.json"
+_LLAMA3_SPECIAL_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+_HUB_KWARGS = (
+    "cache_dir",
+    "force_download",
+    "local_files_only",
+    "token",
+    "revision",
+    "subfolder",
+    "proxies",
+    "trust_remote_code",
+    "code_revision",
+)
+
+VICUNA_SYSTEM_PROMPT = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Chat templates
+# ---------------------------------------------------------------------------------------------------------------------
+
+# Content items: `{"type": "image"}` renders "<image>", followed by "\n" unless it is the last item of the message (the
+# original eval scripts build "<image>\n" + question); text items render verbatim; a plain string renders verbatim.
+_CONTENT_MACRO = (
+    "{%- macro slime_content(content) -%}"
+    "{%- if content is string -%}{{- content -}}"
+    "{%- elif content is not none -%}"
+    "{%- for item in content -%}"
+    "{%- if item['type'] == 'image' -%}{{- '<image>' -}}{%- if not loop.last -%}{{- '\\n' -}}{%- endif -%}"
+    "{%- elif item['type'] == 'text' -%}{{- item['text'] -}}"
+    "{%- else -%}{{- raise_exception('SliME chat templates accept only image and text content items, got: '"
+    " + item['type']) -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{%- endmacro -%}"
+)
+
+# conv_vicuna_v1 (SeparatorStyle.TWO): system + " ", then "ROLE: message" + sep per message (sep " " after the user,
+# "</s>" after the assistant) and a bare "ROLE:" for an empty message, as the original `get_prompt`.
+_VICUNA_V1_TEMPLATE = (
+    _CONTENT_MACRO
+    + "{%- set ns = namespace(system='"
+    + VICUNA_SYSTEM_PROMPT.replace("'", "\\'")
+    + "') -%}"
+    "{%- set loop_messages = messages -%}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set ns.system = slime_content(messages[0]['content']) -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- endif -%}"
+    "{{- ns.system + ' ' -}}"
+    "{%- for message in loop_messages -%}"
+    "{%- set text = slime_content(message['content']) -%}"
+    "{%- if message['role'] == 'user' -%}{%- set role = 'USER' -%}{%- set sep = ' ' -%}"
+    "{%- elif message['role'] == 'assistant' -%}{%- set role = 'ASSISTANT' -%}{%- set sep = '</s>' -%}"
+    "{%- else -%}{{- raise_exception('The vicuna_v1 template accepts system (first), user and assistant messages,"
+    " got role: ' + message['role']) -}}"
+    "{%- endif -%}"
+    "{%- if text -%}{{- role + ': ' + text + sep -}}{%- else -%}{{- role + ':' -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+)
+
+
+def _llama3_template(original: bool) -> str:
+    # conv_llama_3: "<|start_header_id|>{role}<|end_header_id|>\n\n{text}<|eot_id|>" per message, no system turn unless
+    # given, no BOS in the text (the tokenizer adds it). At inference the original also appended its splitting marker
+    # "<|eot_conversation|>" (not a token) after each assistant turn; training stripped it, so only
+    # `llama3_original` keeps it.
+    marker = (
+        "{%- if message['role'] == 'assistant' -%}{{- '<|eot_conversation|>' -}}{%- endif -%}" if original else ""
+    )
+    return (
+        _CONTENT_MACRO
+        + "{%- for message in messages -%}"
+        "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + slime_content(message['content'])"
+        " + '<|eot_id|>' -}}" + marker + "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}"
+    )
+
+
+# conv_llava_plain at inference: each non-empty user message + "\n"; an empty one renders nothing. The original raises
+# on an assistant message (its sep2 is None); training captions ("<image>" + caption + "\n") are built by the training
+# data code, not by this template.
+_PLAIN_TEMPLATE = (
+    _CONTENT_MACRO + "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{%- set text = slime_content(message['content']) -%}"
+    "{%- if text -%}{{- text + '\\n' -}}{%- endif -%}"
+    "{%- else -%}{{- raise_exception('The plain template renders user messages only (inference prompts), got role: '"
+    " + message['role']) -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+CHAT_TEMPLATES: dict[str, str] = {
+    "vicuna_v1": _VICUNA_V1_TEMPLATE,
+    "llama3": _llama3_template(original=False),
+    "llama3_original": _llama3_template(original=True),
+    "plain": _PLAIN_TEMPLATE,
+}
+"""SliME chat templates (Jinja), by name: `vicuna_v1`, `llama3` (what training saw), `llama3_original` (the original
+inference prompt, with its `<|eot_conversation|>` marker after assistant turns) and `plain` (stage 1-2 inference)."""
+
+_TEMPLATE_FAMILIES = {
+    "vicuna_v1": ("vicuna_v1", "plain"),
+    "llama3": ("llama3", "llama3_original", "plain"),
+}
+
+
+def _has_llama3_special_tokens(tokenizer: PreTrainedTokenizerBase) -> bool:
+    vocab = tokenizer.get_vocab()
+    return all(token in vocab for token in _LLAMA3_SPECIAL_TOKENS)
+
+
+def default_chat_template_name(tokenizer: PreTrainedTokenizerBase) -> str:
+    """
+    The template a SliME checkpoint was trained with, read from its tokenizer.
+
+    Args:
+        tokenizer (`PreTrainedTokenizerBase`):
+            The checkpoint's tokenizer.
+
+    Returns:
+        `str`: `"llama3"` when the tokenizer has the Llama-3 header and end-of-turn tokens, else `"vicuna_v1"`.
+    """
+    return "llama3" if _has_llama3_special_tokens(tokenizer) else "vicuna_v1"
+
+
+def chat_templates_for(tokenizer: PreTrainedTokenizerBase, default: str | None = None) -> dict[str, str]:
+    """
+    The chat templates that fit a tokenizer, as a processor's `chat_template` dict.
+
+    Args:
+        tokenizer (`PreTrainedTokenizerBase`):
+            The checkpoint's tokenizer; its special tokens choose the family (Llama-3 or Vicuna).
+        default (`str`, *optional*):
+            Name of the template used when none is named (a key of [`CHAT_TEMPLATES`]). Defaults to
+            [`default_chat_template_name`].
+
+    Returns:
+        `dict[str, str]`: `{"default": ..., name: template, ...}` with the family's templates and `plain`.
+    """
+    family = default_chat_template_name(tokenizer)
+    default = default or family
+    if default not in CHAT_TEMPLATES:
+        raise ValueError(f"Unknown SliME chat template {default!r}; choose one of {sorted(CHAT_TEMPLATES)}.")
+    names = dict.fromkeys((default, *_TEMPLATE_FAMILIES[family]))
+    return {"default": CHAT_TEMPLATES[default], **{name: CHAT_TEMPLATES[name] for name in names}}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Exact tokenization
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class SentencePieceLlamaEncoder:
+    """
+    Encodes text exactly as the slow `LlamaTokenizer` of transformers 4.x (the one the original SliME code loaded with
+    `use_fast=False`), on `sentencepiece` directly.
+
+    transformers 5 only has the `tokenizers`-backed Llama tokenizer, which differs from the slow one on text that
+    starts with spaces (the slow one keeps them after its own "▁" prefix: " and" -> "▁▁", "and"); the original prompt
+    ids depend on it because every chunk between `<image>` placeholders was tokenised on its own, and the chunk after
+    a placeholder often starts with a space. This class reproduces the slow
+    tokenizer: added/special token strings typed in the text are split out and become their ids, and with
+    `legacy=False` SentencePiece's dummy prefix is disabled, the text gets one "▁" prefix (dropped before a leading
+    special token) and pieces starting with a space are encoded behind the `unk` string, which is then removed.
+
+    Args:
+        model_proto (`bytes`):
+            The content of the SentencePiece `tokenizer.model` file.
+        added_tokens (`dict[str, int]` or `dict[int, AddedToken]`):
+            Added (special) tokens, as `tokenizer.added_tokens_decoder` (id -> `AddedToken`) or content -> id.
+        special_tokens (`Sequence[str]`):
+            The tokenizer's special token strings (`all_special_tokens`).
+        unk_token (`str`, *optional*, defaults to `"<unk>"`):
+            The unknown token string (used by the non-legacy prefix trick).
+        bos_token_id (`int`, *optional*):
+            Id added at the start when `add_bos_token`.
+        eos_token_id (`int`, *optional*):
+            Id added at the end when `add_eos_token`.
+        add_bos_token (`bool`, *optional*, defaults to `True`):
+            Whether `encode` adds the BOS id.
+        add_eos_token (`bool`, *optional*, defaults to `False`):
+            Whether `encode` adds the EOS id.
+        legacy (`bool`, *optional*, defaults to `False`):
+            The slow tokenizer's `legacy` flag (Llama-2 / Vicuna v1.5 tokenizers set `false`).
+    """
+
+    def __init__(
+        self,
+        model_proto: bytes,
+        added_tokens: dict,
+        special_tokens: Sequence[str],
+        unk_token: str = "<unk>",
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+        add_bos_token: bool = True,
+        add_eos_token: bool = False,
+        legacy: bool = False,
+    ):
+        self.model_proto = bytes(model_proto)
+        self._added = {}
+        for key, value in added_tokens.items():
+            token = value if isinstance(value, AddedToken) else AddedToken(str(key), special=True, normalized=False)
+            token_id = key if isinstance(value, AddedToken) else int(value)
+            self._added[token.content] = (token_id, token)
+        self.special_tokens = set(special_tokens)
+        self.unk_token = str(unk_token)
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
+        self.add_bos_token = add_bos_token
+        self.add_eos_token = add_eos_token
+        self.legacy = legacy
+        self._build()
+
+    def _build(self) -> None:
+        import sentencepiece as spm
+
+        processor = spm.SentencePieceProcessor()
+        if self.legacy:
+            processor.LoadFromSerializedProto(self.model_proto)
+        else:
+            # As the slow tokenizer's `get_spm_processor`: the non-legacy mode switches the dummy prefix off and adds
+            # its own "▁" in `tokenize`.
+            from transformers.convert_slow_tokenizer import import_protobuf
+
+            model_pb2 = import_protobuf()
+            proto = model_pb2.ModelProto.FromString(self.model_proto)
+            proto.normalizer_spec.add_dummy_prefix = False
+            processor.LoadFromSerializedProto(proto.SerializeToString())
+        self.sp_model = processor
+        self.unk_token_length = len(processor.encode(self.unk_token, out_type=str))
+        # Longest first, so that the leftmost-longest added token wins, as the slow tokenizer's trie.
+        contents = sorted(self._added, key=len, reverse=True)
+        self._split_pattern = re.compile("|".join(re.escape(c) for c in contents)) if contents else None
+
+    @classmethod
+    def from_tokenizer(
+        cls, tokenizer: PreTrainedTokenizerBase, model_proto: bytes, legacy: bool | None = None
+    ) -> "SentencePieceLlamaEncoder":
+        """
+        Builds the encoder for a transformers tokenizer of the same vocabulary.
+
+        Args:
+            tokenizer (`PreTrainedTokenizerBase`):
+                The tokenizer (its added tokens, special tokens and BOS/EOS settings are used).
+            model_proto (`bytes`):
+                The content of its SentencePiece `tokenizer.model`.
+            legacy (`bool`, *optional*):
+                The slow tokenizer's `legacy` flag; defaults to `tokenizer.legacy` if set, else `True` (the slow
+                tokenizer's default).
+
+        Returns:
+            `SentencePieceLlamaEncoder`
+        """
+        if legacy is None:
+            legacy = getattr(tokenizer, "legacy", None)
+            legacy = True if legacy is None else bool(legacy)
+        # What the tokenizer adds around a text, probed: transformers 5 keeps it in the post-processor and does not
+        # save `add_bos_token` / `add_eos_token` in tokenizer_config.json.
+        probe = tokenizer.encode("", add_special_tokens=True)
+        bos_id, eos_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+        add_bos_token = bool(probe) and bos_id is not None and probe[0] == bos_id
+        add_eos_token = (
+            bool(probe) and eos_id is not None and probe[-1] == eos_id and (len(probe) > 1 or not add_bos_token)
+        )
+        return cls(
+            model_proto,
+            added_tokens=dict(tokenizer.added_tokens_decoder),
+            special_tokens=list(tokenizer.all_special_tokens),
+            unk_token=tokenizer.unk_token if tokenizer.unk_token is not None else "<unk>",
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            add_bos_token=add_bos_token,
+            add_eos_token=add_eos_token,
+            legacy=legacy,
+        )
+
+    def __getstate__(self) -> dict:
+        # The SentencePiece processor is rebuilt from the proto (pickling for data-loader workers, deep copies).
+        state = self.__dict__.copy()
+        for key in ("sp_model", "_split_pattern", "unk_token_length"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._build()
+
+    def __deepcopy__(self, memo: dict) -> "SentencePieceLlamaEncoder":
+        # Immutable after construction.
+        return self
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of SentencePiece pieces."""
+        return self.sp_model.get_piece_size()
+
+    def _sp_tokenize(self, text: str) -> list[str]:
+        tokens = self.sp_model.encode(text, out_type=str)
+        if self.legacy or not text.startswith((SPIECE_UNDERLINE, " ")):
+            return tokens
+        # Without the dummy prefix SentencePiece would drop a leading "▁": encode behind the unk string, then cut it.
+        tokens = self.sp_model.encode(self.unk_token + text, out_type=str)
+        return tokens[self.unk_token_length :] if len(tokens) >= self.unk_token_length else tokens
+
+    def _split_added_tokens(self, text: str) -> list[str]:
+        if self._split_pattern is None:
+            return [text]
+        pieces = []
+        position = 0
+        for match in self._split_pattern.finditer(text):
+            pieces.append(text[position : match.start()])
+            pieces.append(match.group())
+            position = match.end()
+        pieces.append(text[position:])
+        pieces = [piece for piece in pieces if piece != ""] or [""]
+        # AddedToken lstrip / rstrip / single_word, as the slow tokenizer applied them.
+        for i, piece in enumerate(pieces):
+            if piece not in self._added:
+                continue
+            token = self._added[piece][1]
+            left = pieces[i - 1] if i > 0 else None
+            right = pieces[i + 1] if i < len(pieces) - 1 else None
+            if token.rstrip and right:
+                pieces[i + 1] = right.lstrip()
+            if token.lstrip and left:
+                pieces[i - 1] = left.rstrip()
+            if token.single_word and left and left[-1] != " ":
+                pieces[i - 1] += piece
+                pieces[i] = ""
+            elif token.single_word and right and right[0] != " ":
+                pieces[i] += right
+                pieces[i + 1] = ""
+        return pieces
+
+    def _tokenize_pieces(self, text: str) -> list[str]:
+        tokens = []
+        for piece in self._split_added_tokens(text):
+            if not piece:
+                continue
+            if piece in self._added:
+                tokens.append(piece)
+            else:
+                tokens.extend(self._sp_tokenize(piece))
+        return tokens
+
+    def tokenize(self, text: str) -> list[str]:
+        """
+        Splits a text into tokens (SentencePiece pieces and added-token strings), as the slow tokenizer's `tokenize`.
+
+        Args:
+            text (`str`):
+                The text.
+
+        Returns:
+            `list[str]`: The tokens.
+        """
+        if self.legacy or len(text) == 0:
+            return self._tokenize_pieces(text)
+        tokens = self._tokenize_pieces(SPIECE_UNDERLINE + text.replace(SPIECE_UNDERLINE, " "))
+        if len(tokens) > 1 and tokens[0] == SPIECE_UNDERLINE and tokens[1] in self.special_tokens:
+            tokens = tokens[1:]
+        return tokens
+
+    def convert_tokens_to_ids(self, tokens: list[str]) -> list[int]:
+        """
+        Converts tokens to ids (added tokens first, then SentencePiece pieces).
+
+        Args:
+            tokens (`list[str]`):
+                Tokens from [`~SentencePieceLlamaEncoder.tokenize`].
+
+        Returns:
+            `list[int]`: The ids.
+        """
+        return [self._added[t][0] if t in self._added else self.sp_model.piece_to_id(t) for t in tokens]
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """
+        Encodes a text as the slow tokenizer's `tokenizer(text).input_ids`.
+
+        Args:
+            text (`str`):
+                The text.
+            add_special_tokens (`bool`, *optional*, defaults to `True`):
+                Whether to add the BOS (and EOS, if configured) ids.
+
+        Returns:
+            `list[int]`: The ids.
+        """
+        ids = self.convert_tokens_to_ids(self.tokenize(text))
+        if add_special_tokens:
+            if self.add_bos_token and self.bos_token_id is not None:
+                ids = [self.bos_token_id] + ids
+            if self.add_eos_token and self.eos_token_id is not None:
+                ids = ids + [self.eos_token_id]
+        return ids
+
+
+def tokenize_prompt_with_images(
+    tokenizer: Any,
+    text: str,
+    image_token_id: int,
+    image_token: str = IMAGE_TOKEN,
+    add_special_tokens: bool = True,
+) -> list[int]:
+    """
+    Tokenises a prompt with `<image>` placeholders as the original `tokenizer_image_token`.
+
+    The text is split at every placeholder and each chunk is encoded on its own (each with its BOS). If the first
+    chunk starts with the BOS id, that one BOS is kept and the first token of every chunk after it is dropped; the
+    chunks are joined by one `image_token_id` each (the original used -200).
+
+    Args:
+        tokenizer:
+            What encodes each chunk: an object with `encode(text, add_special_tokens=...) -> list[int]` and
+            `bos_token_id`, e.g. [`SliMEProcessor.prompt_encoder`] ([`SentencePieceLlamaEncoder`] for SentencePiece
+            tokenizers, exact; a transformers tokenizer for byte-level BPE ones).
+        text (`str`):
+            The prompt.
+        image_token_id (`int`):
+            The id written at each placeholder.
+        image_token (`str`, *optional*, defaults to `"<image>"`):
+            The placeholder string.
+        add_special_tokens (`bool`, *optional*, defaults to `True`):
+            Whether chunks are encoded with their special tokens (the original always did).
+
+    Returns:
+        `list[int]`: The prompt ids, one `image_token_id` per placeholder.
+    """
+    chunks = [tokenizer.encode(chunk, add_special_tokens=add_special_tokens) for chunk in text.split(image_token)]
+    bos_token_id = getattr(tokenizer, "bos_token_id", None)
+    input_ids = []
+    offset = 0
+    if chunks and chunks[0] and bos_token_id is not None and chunks[0][0] == bos_token_id:
+        offset = 1
+        input_ids.append(chunks[0][0])
+    for i, chunk in enumerate(chunks):
+        if i > 0:
+            input_ids.append(image_token_id)
+        input_ids.extend(chunk[offset:])
+    return input_ids
+
+
+def _load_sentencepiece_proto(path: str | None) -> bytes | None:
+    """The file's bytes if it is a SentencePiece model (Llama-3's tiktoken `tokenizer.model` is not), else None."""
+    if not path or not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        import sentencepiece as spm
+
+        spm.SentencePieceProcessor().LoadFromSerializedProto(data)
+    except Exception:
+        return None
+    return data
+
+
+def _read_json(path: str | None) -> dict:
+    if path is None:
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _is_sentencepiece_style(tokenizer: PreTrainedTokenizerBase) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    try:
+        return "Metaspace" in backend.to_str() or SPIECE_UNDERLINE in json.dumps(
+            json.loads(backend.to_str()).get("normalizer")
+        )
+    except Exception:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Processor
+# ---------------------------------------------------------------------------------------------------------------------
+
+_IMAGE_PROCESSOR_CLASSES = {
+    SliMEImageProcessorPil.__name__: SliMEImageProcessorPil,
+    SliMEImageProcessor.__name__: SliMEImageProcessor,
+}
+_IMAGE_PROCESSOR_BACKENDS = {"pil": SliMEImageProcessorPil, "torch": SliMEImageProcessor}
+
+
+class SliMEProcessor(ProcessorMixin):
+    r"""
+    Constructs a SliME processor: the SliME image processor, the checkpoint's tokenizer and its chat templates.
+
+    Each `<image>` placeholder in the text becomes one `image_token_id` in `input_ids` (the model expands it into the
+    image's global, separator and routed local tokens), and `pixel_values` / `image_sizes` hold the images in
+    placeholder order. The text around placeholders is tokenised exactly as the original `tokenizer_image_token`;
+    for SentencePiece tokenizers (Vicuna / Llama-2) this uses [`SentencePieceLlamaEncoder`] on the checkpoint's
+    `tokenizer.model`, which [`~SliMEProcessor.save_pretrained`] therefore always writes.
+
+    `<image>` is added to the tokenizer as a special token if missing; its id is then the first id after the
+    vocabulary (`len(tokenizer)` before adding), the `image_token_id` of the model config. The pad token stays the
+    checkpoint's (`<unk>` for Vicuna, `<|end_of_text|>` for Llama-3).
+
+    Args:
+        image_processor ([`SliMEImageProcessorPil`] or [`SliMEImageProcessor`], *optional*):
+            The image processor. Defaults to [`SliMEImageProcessorPil`] (exact).
+        tokenizer ([`PreTrainedTokenizerBase`]):
+            The checkpoint's tokenizer.
+        chat_template (`str` or `dict[str, str]`, *optional*):
+            A Jinja template, or a dict of named templates with a `"default"` one. Defaults to
+            [`chat_templates_for`] the tokenizer (`vicuna_v1` or `llama3`, plus `plain`, ...).
+        image_token (`str`, *optional*, defaults to `"<image>"`):
+            The image placeholder.
+        sentencepiece_legacy (`bool`, *optional*):
+            The slow tokenizer's `legacy` flag for the exact SentencePiece path; defaults to `tokenizer.legacy`.
+    """
+
+    image_processor: Any
+    tokenizer: Any
+
+    def __init__(
+        self,
+        image_processor: Any = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        chat_template: str | dict[str, str] | None = None,
+        image_token: str = IMAGE_TOKEN,
+        sentencepiece_legacy: bool | None = None,
+        **kwargs,
+    ):
+        if tokenizer is None:
+            raise ValueError("SliMEProcessor needs a tokenizer.")
+        if image_processor is None:
+            image_processor = SliMEImageProcessorPil()
+        self.image_token = image_token
+        self.image_token_id = self._ensure_image_token(tokenizer, image_token)
+        self._ensure_pad_token(tokenizer)
+        if chat_template is None:
+            chat_template = chat_templates_for(tokenizer)
+        if sentencepiece_legacy is None and getattr(tokenizer, "legacy", None) is not None:
+            sentencepiece_legacy = bool(tokenizer.legacy)
+        self.sentencepiece_legacy = sentencepiece_legacy
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+        self._sentencepiece_encoder = None
+        vocab_file = getattr(tokenizer, "vocab_file", None) or tokenizer.init_kwargs.get("vocab_file")
+        model_proto = _load_sentencepiece_proto(vocab_file) if isinstance(vocab_file, str) else None
+        if model_proto is not None:
+            self.set_sentencepiece_model(model_proto)
+        elif _is_sentencepiece_style(tokenizer):
+            logger.warning(
+                "The tokenizer is SentencePiece-style but its tokenizer.model was not found: prompts are tokenised by "
+                "the transformers tokenizer, whose ids can differ from the original SliME ids (e.g. around <image>)."
+            )
+
+    @staticmethod
+    def _ensure_image_token(tokenizer: PreTrainedTokenizerBase, image_token: str) -> int:
+        vocab = tokenizer.get_vocab()
+        if image_token in vocab:
+            return vocab[image_token]
+        expected_id = len(tokenizer)
+        tokenizer.add_special_tokens(
+            {"extra_special_tokens": [AddedToken(image_token, special=True, normalized=False)]},
+            replace_extra_special_tokens=False,
+        )
+        image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        if image_token_id != expected_id:
+            raise ValueError(
+                f"Adding {image_token!r} to the tokenizer gave id {image_token_id}, expected {expected_id} "
+                "(the first id after the vocabulary)."
+            )
+        return image_token_id
+
+    @staticmethod
+    def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
+        # The original training set pad = unk (Vicuna) or <|end_of_text|> (Llama-3, which has no unk); never add <pad>.
+        if tokenizer.pad_token is not None:
+            return
+        if tokenizer.unk_token is not None:
+            tokenizer.pad_token = tokenizer.unk_token
+        elif "<|end_of_text|>" in tokenizer.get_vocab():
+            tokenizer.pad_token = "<|end_of_text|>"
+        elif tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    def set_sentencepiece_model(self, model_proto: bytes) -> None:
+        """
+        Switches prompt tokenisation to the exact SentencePiece path.
+
+        Args:
+            model_proto (`bytes`):
+                The content of the tokenizer's SentencePiece `tokenizer.model`.
+        """
+        encoder = SentencePieceLlamaEncoder.from_tokenizer(
+            self.tokenizer, model_proto, legacy=self.sentencepiece_legacy
+        )
+        if encoder.vocab_size != self.tokenizer.vocab_size:
+            raise ValueError(
+                f"The SentencePiece model has {encoder.vocab_size} pieces but the tokenizer's vocabulary has "
+                f"{self.tokenizer.vocab_size}: they do not belong together."
+            )
+        self.sentencepiece_legacy = encoder.legacy
+        self._sentencepiece_encoder = encoder
+        self._encoder_vocab_size = len(self.tokenizer)
+
+    @property
+    def prompt_encoder(self) -> Any:
+        """
+        What encodes each text chunk: the exact [`SentencePieceLlamaEncoder`] for SentencePiece tokenizers, else the
+        tokenizer itself.
+        """
+        encoder = self._sentencepiece_encoder
+        if encoder is None:
+            return self.tokenizer
+        if self._encoder_vocab_size != len(self.tokenizer):
+            # Tokens were added to the tokenizer since: they must be split out of the text too.
+            self.set_sentencepiece_model(encoder.model_proto)
+        return self._sentencepiece_encoder
+
+    @property
+    def uses_exact_sentencepiece(self) -> bool:
+        """Whether prompts are tokenised by the exact SentencePiece path."""
+        return self._sentencepiece_encoder is not None
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "pixel_values", "image_sizes"]
+
+    def tokenize_prompt(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """
+        Token ids of one prompt, as the original `tokenizer_image_token` (one `image_token_id` per `<image>`).
+
+        Args:
+            text (`str`):
+                The prompt (already rendered by a chat template).
+            add_special_tokens (`bool`, *optional*, defaults to `True`):
+                Whether to add the BOS id (the original always did).
+
+        Returns:
+            `list[int]`: The ids.
+        """
+        return tokenize_prompt_with_images(
+            self.prompt_encoder, text, self.image_token_id, self.image_token, add_special_tokens=add_special_tokens
+        )
+
+    def _flatten_images(self, images: Any, placeholders: list[int] | None) -> list:
+        """Images in placeholder order; `placeholders` (per sample) checks images given per sample."""
+        if images is None:
+            return []
+        if not isinstance(images, (list, tuple)):
+            if (isinstance(images, np.ndarray) or hasattr(images, "detach")) and images.ndim == 4:
+                return list(images)
+            return [images]
+        if placeholders is None:
+            return [image for item in images for image in self._flatten_images(item, None)]
+        if any(isinstance(item, (list, tuple)) for item in images):
+            if len(images) != len(placeholders):
+                raise ValueError(
+                    f"Images were given per sample for {len(images)} samples, but there are {len(placeholders)} texts."
+                )
+            flat = []
+            for i, (sample_images, count) in enumerate(zip(images, placeholders)):
+                sample_images = [] if sample_images is None else sample_images
+                if not isinstance(sample_images, (list, tuple)):
+                    sample_images = [sample_images]
+                sample_images = [image for image in sample_images if image is not None]
+                if len(sample_images) != count:
+                    raise ValueError(
+                        f"Sample {i} has {count} {self.image_token} placeholder(s) but {len(sample_images)} image(s)."
+                    )
+                flat.extend(sample_images)
+            return flat
+        return [image for image in images if image is not None]
+
+    def __call__(
+        self,
+        images: Any = None,
+        text: str | list[str] | None = None,
+        padding: bool | str = True,
+        padding_side: str | None = None,
+        return_tensors: str | None = "pt",
+        **kwargs,
+    ) -> BatchFeature:
+        """
+        Tokenises prompts and processes their images.
+
+        Args:
+            images (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor`, `str` or a list of them, *optional*):
+                The images, one per `<image>` placeholder: a flat list in placeholder order over the whole batch, or
+                one list per sample. Strings are paths or URLs.
+            text (`str` or `list[str]`, *optional*):
+                The prompt(s), already rendered by a chat template, with `<image>` where each image goes (any number,
+                anywhere).
+            padding (`bool` or `str`, *optional*, defaults to `True`):
+                `True` / `"longest"` pads to the longest prompt, `"max_length"` to `max_length`, `False` /
+                `"do_not_pad"` not at all.
+            padding_side (`str`, *optional*):
+                `"left"` (default, for generation) or `"right"` (training).
+            return_tensors (`str`, *optional*, defaults to `"pt"`):
+                `"pt"`, `"np"` or `None` (lists).
+            **kwargs:
+                `add_special_tokens` (default `True`), `max_length`, `pad_to_multiple_of`, `return_attention_mask`,
+                and `images_kwargs` (a dict passed to the image processor).
+
+        Returns:
+            [`BatchFeature`]: `input_ids`, `attention_mask` and, with images, `pixel_values`
+            `(num_images, max_views, 3, 336, 336)` and `image_sizes` `(num_images, 2)` (height, width).
+        """
+        # Nested kwargs (`text_kwargs`, `images_kwargs`, ... as `ProcessorMixin` passes them) merge with flat ones.
+        images_kwargs = dict(kwargs.pop("images_kwargs", None) or {})
+        images_kwargs.pop("return_tensors", None)
+        for key in ("common_kwargs", "text_kwargs"):
+            kwargs.update(kwargs.pop(key, None) or {})
+        padding = kwargs.pop("padding", padding)
+        padding_side = kwargs.pop("padding_side", padding_side) or "left"
+        return_tensors = kwargs.pop("return_tensors", return_tensors)
+        add_special_tokens = kwargs.pop("add_special_tokens", True)
+        max_length = kwargs.pop("max_length", None)
+        pad_to_multiple_of = kwargs.pop("pad_to_multiple_of", None)
+        return_attention_mask = kwargs.pop("return_attention_mask", True)
+        for unsupported in ("videos", "audio"):
+            if kwargs.pop(unsupported, None) is not None:
+                raise ValueError(f"SliME takes images and text only, got {unsupported}.")
+        if kwargs.pop("truncation", None):
+            raise ValueError("SliMEProcessor does not truncate prompts (they would lose image placeholders).")
+        if kwargs.pop("sanitize_control_tokens", False):
+            raise ValueError("SliMEProcessor does not support sanitize_control_tokens.")
+        if kwargs.pop("return_offsets_mapping", False):
+            raise ValueError("SliMEProcessor does not return offset mappings.")
+        for ignored in ("return_text_replacement_offsets", "return_mm_token_type_ids", "return_token_type_ids"):
+            kwargs.pop(ignored, None)
+        # Flat image processor options (e.g. `num_threads=1`) go to the image processor.
+        image_options = getattr(getattr(self.image_processor, "valid_kwargs", None), "__annotations__", {})
+        images_kwargs.update({key: kwargs.pop(key) for key in list(kwargs) if key in image_options})
+        if kwargs:
+            raise TypeError(f"SliMEProcessor.__call__ got unexpected keyword arguments: {sorted(kwargs)}.")
+        if text is None and images is None:
+            raise ValueError("Give text, images, or both.")
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
+
+        data = {}
+        if text is not None:
+            texts = [text] if isinstance(text, str) else list(text)
+            if not texts or not all(isinstance(t, str) for t in texts):
+                raise ValueError("text must be a string or a non-empty list of strings.")
+            placeholders = [t.count(self.image_token) for t in texts]
+            for i, (sample, count) in enumerate(zip(texts, placeholders)):
+                if count == 0 and not sample.strip():
+                    which = f"Prompt {i}" if len(texts) > 1 else "The prompt"
+                    raise ValueError(f"{which} is empty (or whitespace only) and has no image.")
+            flat_images = self._flatten_images(images, placeholders)
+            if len(flat_images) != sum(placeholders):
+                raise ValueError(
+                    f"The text has {sum(placeholders)} {self.image_token} placeholder(s) but {len(flat_images)} "
+                    "image(s) were given; give one image per placeholder."
+                )
+            ids = [self.tokenize_prompt(t, add_special_tokens=add_special_tokens) for t in texts]
+            data.update(
+                self._pad(ids, padding, padding_side, max_length, pad_to_multiple_of, return_tensors is not None)
+            )
+            if not return_attention_mask:
+                data.pop("attention_mask")
+        else:
+            flat_images = self._flatten_images(images, None)
+
+        if flat_images:
+            # Paths, URLs and bytes are opened by the image processor (with its checks and mode conversions).
+            image_inputs = self.image_processor(flat_images, return_tensors=return_tensors, **images_kwargs)
+            data.update(image_inputs)
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _pad(
+        self,
+        ids: list[list[int]],
+        padding: bool | str,
+        padding_side: str,
+        max_length: int | None,
+        pad_to_multiple_of: int | None,
+        need_rectangular: bool,
+    ) -> dict[str, list[list[int]]]:
+        lengths = [len(row) for row in ids]
+        if padding in (True, "longest"):
+            target = max(lengths)
+        elif padding == "max_length":
+            if max_length is None:
+                raise ValueError("padding='max_length' needs max_length.")
+            if max(lengths) > max_length:
+                raise ValueError(
+                    f"A prompt has {max(lengths)} tokens, more than max_length={max_length}; SliMEProcessor does not "
+                    "truncate."
+                )
+            target = max_length
+        elif padding in (False, None, "do_not_pad"):
+            target = None
+        else:
+            raise ValueError(f"Unknown padding {padding!r}.")
+        if target is not None and pad_to_multiple_of:
+            target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
+        if target is None:
+            if need_rectangular and len(set(lengths)) > 1:
+                raise ValueError("Prompts of different lengths need padding=True to be returned as tensors.")
+            return {"input_ids": ids, "attention_mask": [[1] * n for n in lengths]}
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            raise ValueError("The tokenizer has no pad token.")
+        input_ids, attention_mask = [], []
+        for row in ids:
+            pad = target - len(row)
+            if padding_side == "left":
+                input_ids.append([pad_id] * pad + row)
+                attention_mask.append([0] * pad + [1] * len(row))
+            else:
+                input_ids.append(row + [pad_id] * pad)
+                attention_mask.append([1] * len(row) + [0] * pad)
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # Saving and loading
+    # -----------------------------------------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> list[str]:
+        """
+        Saves the processor (tokenizer, image processor config, chat templates) so that
+        [`~SliMEProcessor.from_pretrained`] restores it; also writes `tokenizer.model` for the exact SentencePiece path
+        (transformers 5 tokenizers write only `tokenizer.json`).
+
+        Args:
+            save_directory (`str` or `os.PathLike`):
+                The folder (created if missing).
+            push_to_hub (`bool`, *optional*, defaults to `False`):
+                Whether to push the folder to the Hub afterwards.
+            **kwargs:
+                Passed to `push_to_hub` (e.g. `repo_id`, `commit_message`, `token`).
+
+        Returns:
+            `list[str]`: The processor config file.
+        """
+        os.makedirs(save_directory, exist_ok=True)
+        files = super().save_pretrained(save_directory, push_to_hub=False)
+        if self._sentencepiece_encoder is not None:
+            with open(os.path.join(save_directory, SENTENCEPIECE_MODEL_FILE), "wb") as f:
+                f.write(self._sentencepiece_encoder.model_proto)
+        if push_to_hub:
+            # `push_to_hub` saves again (through this method) into a temporary folder and uploads that.
+            kwargs.pop("max_shard_size", None)
+            repo_id = kwargs.pop("repo_id", str(save_directory).rstrip(os.path.sep).split(os.path.sep)[-1])
+            self.push_to_hub(repo_id, **kwargs)
+        return files
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        chat_template_name: str | None = None,
+        **kwargs,
+    ) -> "SliMEProcessor":
+        """
+        Loads a processor from a folder saved by [`~SliMEProcessor.save_pretrained`] (or a Hub repo of one), or from a
+        checkpoint in the SliME authors' layout (tokenizer files only): there the image processor is the default
+        [`SliMEImageProcessorPil`], `<image>` is added to the tokenizer and the chat template is chosen from the
+        tokenizer (Llama-3 special tokens -> `llama3`, else `vicuna_v1`).
+
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`):
+                A local folder or a Hub repo id.
+            chat_template_name (`str`, *optional*):
+                Name of the default chat template (a key of [`CHAT_TEMPLATES`]), overriding the saved or chosen one.
+            **kwargs:
+                Hub arguments (`revision`, `token`, `cache_dir`, `subfolder`, ...), `image_processor` (an instance to
+                use instead of the saved one), and `SliMEProcessor` arguments (`chat_template`, `image_token`,
+                `sentencepiece_legacy`).
+
+        Returns:
+            [`SliMEProcessor`]
+        """
+        hub_kwargs = {key: kwargs.pop(key) for key in _HUB_KWARGS if key in kwargs}
+        backend = kwargs.pop("backend", None)
+        for key in ("_from_auto", "_from_pipeline", "use_fast", "return_unused_kwargs"):
+            kwargs.pop(key, None)
+        path = str(pretrained_model_name_or_path)
+        file_kwargs = {k: v for k, v in hub_kwargs.items() if k not in ("trust_remote_code", "code_revision")}
+
+        def resolve(filename: str) -> str | None:
+            return cached_file(
+                path,
+                filename,
+                _raise_exceptions_for_missing_entries=False,
+                _raise_exceptions_for_connection_errors=False,
+                **file_kwargs,
+            )
+
+        has_processor_config = resolve(_PROCESSOR_CONFIG_FILE) is not None
+        processor_dict = {}
+        if has_processor_config or resolve("chat_template.jinja") or resolve("chat_template.json"):
+            processor_dict, _ = cls.get_processor_dict(path, **file_kwargs)
+
+        tokenizer = kwargs.pop("tokenizer", None) or cls._load_tokenizer(path, resolve, hub_kwargs)
+
+        image_processor = kwargs.pop("image_processor", None)
+        if image_processor is None:
+            image_processor = cls._load_image_processor(processor_dict.get("image_processor"), resolve, backend)
+
+        legacy = kwargs.pop("sentencepiece_legacy", processor_dict.get("sentencepiece_legacy"))
+        model_file = resolve(SENTENCEPIECE_MODEL_FILE)
+        model_proto = _load_sentencepiece_proto(model_file)
+        if legacy is None and model_proto is not None:
+            # The authors' layout: the slow tokenizer read `legacy` from tokenizer_config.json (default True).
+            config_file = resolve(_TOKENIZER_CONFIG_FILE)
+            legacy = bool(_read_json(config_file).get("legacy", True))
+
+        chat_template = kwargs.pop("chat_template", processor_dict.get("chat_template"))
+        if chat_template is None or (chat_template_name is not None and not isinstance(chat_template, dict)):
+            chat_template = chat_templates_for(tokenizer, default=chat_template_name)
+        elif chat_template_name is not None:
+            if chat_template_name not in CHAT_TEMPLATES and chat_template_name not in chat_template:
+                raise ValueError(
+                    f"Unknown SliME chat template {chat_template_name!r}; choose one of {sorted(CHAT_TEMPLATES)}."
+                )
+            chat_template = dict(chat_template)
+            chat_template.setdefault(chat_template_name, CHAT_TEMPLATES.get(chat_template_name))
+            chat_template["default"] = chat_template[chat_template_name]
+
+        init_kwargs = {"image_token": processor_dict.get("image_token", IMAGE_TOKEN)}
+        init_kwargs.update(kwargs)
+        processor = cls(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            chat_template=chat_template,
+            sentencepiece_legacy=legacy,
+            **init_kwargs,
+        )
+        if model_proto is not None and not processor.uses_exact_sentencepiece:
+            processor.set_sentencepiece_model(model_proto)
+        return processor
+
+    @staticmethod
+    def _load_tokenizer(path: str, resolve: Callable[[str], str | None], hub_kwargs: dict) -> PreTrainedTokenizerBase:
+        config_file = resolve(_TOKENIZER_CONFIG_FILE)
+        tokenizer_config = _read_json(config_file)
+        class_name = tokenizer_config.get("tokenizer_class")
+        if class_name and "AutoTokenizer" not in (tokenizer_config.get("auto_map") or {}):
+            from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+            # Loading by class skips config.json, whose model_type (llava_llama in the authors' layout) is unknown.
+            tokenizer_class = tokenizer_class_from_name(class_name) or tokenizer_class_from_name(
+                class_name.removesuffix("Fast")
+            )
+            if tokenizer_class is not None:
+                return tokenizer_class.from_pretrained(path, **hub_kwargs)
+        return AutoTokenizer.from_pretrained(path, **hub_kwargs)
+
+    @staticmethod
+    def _load_image_processor(
+        config: dict | None, resolve: Callable[[str], str | None], backend: str | None = None
+    ) -> Any:
+        if backend is not None and backend not in _IMAGE_PROCESSOR_BACKENDS:
+            raise ValueError(
+                f"Unknown image processor backend {backend!r}; choose one of {sorted(_IMAGE_PROCESSOR_BACKENDS)}."
+            )
+        if config is None:
+            config = _read_json(resolve(_IMAGE_PROCESSOR_CONFIG_FILE)) or None
+        image_processor_class = _IMAGE_PROCESSOR_BACKENDS[backend] if backend is not None else None
+        if config is not None:
+            saved_class = _IMAGE_PROCESSOR_CLASSES.get(config.get("image_processor_type"))
+            if saved_class is not None:
+                return (image_processor_class or saved_class).from_dict(config)
+            # e.g. a CLIP preprocessor config: SliME slices images itself.
+            logger.warning(
+                f"Ignoring the image processor config of type {config.get('image_processor_type')!r}: SliME uses "
+                "its own image processor."
+            )
+        return (image_processor_class or SliMEImageProcessorPil)()
+
+
+__all__ = [
+    "CHAT_TEMPLATES",
+    "IMAGE_TOKEN",
+    "SentencePieceLlamaEncoder",
+    "SliMEProcessor",
+    "chat_templates_for",
+    "default_chat_template_name",
+    "tokenize_prompt_with_images",
+]
