@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import pickle
@@ -27,22 +26,14 @@ from slime_hf.processing_slime import (
 
 ORIGINAL_IMAGE_ID = -200
 VOCAB = {"V": 1000, "L": 1024}
+from golden_utils import _json  # noqa: E402
+
 PAD = {"V": ("<unk>", 0), "L": ("<|end_of_text|>", 1009)}
 BOS = {"V": 1, "L": 1008}
 # Golden entries marked `template: llama3` are the original's inference prompts.
 PARITY_TEMPLATE = {"vicuna_v1": "vicuna_v1", "llama3": "llama3_original", "plain": "plain"}
 PROMPTS = json.loads((FIXTURES / "prompts.json").read_text())
 PROMPT_IDS = [entry["name"] for entry in PROMPTS]
-
-
-def _json(value):
-    """Golden fields are JSON values, JSON strings or Python literals."""
-    if not isinstance(value, str):
-        return value
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError:
-        return ast.literal_eval(value)
 
 
 def _prompt(value):
