@@ -555,6 +555,10 @@ def _get_normalizer(
     return _Normalizer(do_rescale, rescale_factor, do_normalize, mean, std)
 
 
+def _size_repr(size: Any) -> Any:
+    return None if size is None else {key: value for key, value in dict(size).items() if value is not None}
+
+
 def _three(values: Any, name: str) -> tuple[float, float, float]:
     if isinstance(values, (int, float)):
         return (float(values),) * 3
@@ -619,8 +623,13 @@ def _resize_cost(in_hw: tuple[int, int], out_hw: tuple[int, int]) -> int:
     return in_h * max(in_w, out_w) + out_w * max(in_h, out_h)
 
 
+@functools.lru_cache(maxsize=1)
 def _default_num_threads() -> int:
-    return 2 if (os.cpu_count() or 1) >= 2 else 1
+    try:
+        cpus = len(os.sched_getaffinity(0))  # the CPUs this process may run on
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return 2 if cpus >= 2 else 1
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -662,15 +671,18 @@ class _SliMEImageProcessorMixin:
         """Validates the effective options of one call and returns what the pipeline needs."""
         size, crop_size = kwargs.get("size"), kwargs.get("crop_size")
         tile = crop_size.height if crop_size is not None else TILE_SIZE
+        if not isinstance(tile, int) or tile <= 0:
+            raise ValueError(f"crop_size must be a positive integer size, got {crop_size!r}.")
         for name, value in (("size", size), ("crop_size", crop_size)):
-            if value is not None and (value.height != tile or value.width != tile):
+            if value is None:
+                continue
+            # {"shortest_edge": 336} is how the original's CLIP processor sizes the global view: also 336 x 336
+            sides = (value.height, value.width) if value.shortest_edge is None else (value.shortest_edge,) * 2
+            if sides != (tile, tile) or (value.shortest_edge is not None and value.height is not None):
                 raise ValueError(
                     f"{name} must be square and equal to crop_size (the global view and the crops are stacked), got "
-                    f"size={dict(size) if size is not None else None}, "
-                    f"crop_size={dict(crop_size) if crop_size is not None else None}."
+                    f"size={_size_repr(size)}, crop_size={_size_repr(crop_size)}."
                 )
-        if not isinstance(tile, int) or tile <= 0:
-            raise ValueError(f"crop_size must be a positive integer size, got {tile!r}.")
         if kwargs.get("do_convert_rgb") is False:
             raise ValueError("SliME images are always converted to RGB; do_convert_rgb=False is not supported.")
         data_format = kwargs.get("data_format")
