@@ -1,16 +1,3 @@
-# Copyright 2024 The SliME authors and the slime-hf contributors.
-#
-# Licensed under the Apache License, Version 2.0 (the "License");
-# you may not use this file except in compliance with the License.
-# You may obtain a copy of the License at
-#
-#     http://www.apache.org/licenses/LICENSE-2.0
-#
-# Unless required by applicable law or agreed to in writing, software
-# distributed under the License is distributed on an "AS IS" BASIS,
-# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
-# See the License for the specific language governing permissions and
-# limitations under the License.
 """Image processors of SliME ("Beyond LLaVA-HD", arXiv 2406.08487).
 
 Every image becomes a *global view* (the whole image squashed to 336x336) followed by 2 to 7 *local crops*
@@ -527,18 +514,6 @@ class _Normalizer:
             for c in range(3):
                 np.take(self.table[c], src[..., c, :, :], out=dst[..., c, :, :])
 
-    def channel(self, dst: np.ndarray, src: np.ndarray, channel: int) -> None:
-        """As `__call__` for one channel: `dst` and `src` hold that channel only."""
-        if self.use_fast:
-            np.copyto(dst, src, casting="unsafe")
-            if self.do_rescale:
-                np.divide(dst, self.divisor, out=dst)
-            if self.do_normalize:
-                np.subtract(dst, self.mean[channel, 0, 0], out=dst)
-                np.divide(dst, self.std[channel, 0, 0], out=dst)
-        else:
-            np.take(self.table[channel], src, out=dst)
-
     def torch_(self, views: torch.Tensor) -> torch.Tensor:
         """Normalises integral float32 levels (..., 3, H, W) in place (torch backend)."""
         if self.do_rescale:
@@ -641,9 +616,8 @@ class SliMEImageProcessorKwargs(ImagesKwargs, total=False):
     r"""
     num_threads (`int`, *optional*):
         PIL backend: threads for the Pillow resizes (the global view and the crop canvas of each image are
-        independent, and so are the canvas's channels). `1` runs everything on the calling thread; `None` picks 2
-        on multi-core machines. The output does not depend on it. The torch backend ignores it (it uses torch's
-        intra-op threads).
+        independent). `1` runs everything on the calling thread; `None` picks 2 on multi-core machines. The
+        output does not depend on it. The torch backend ignores it (it uses torch's intra-op threads).
     """
 
     num_threads: int | None
@@ -666,6 +640,9 @@ class _SliMEImageProcessorMixin:
     do_normalize = True
     do_convert_rgb = True
     num_threads = None
+
+    def _defaults(self) -> dict[str, Any]:
+        return {name: getattr(self, name, None) for name in self._valid_kwargs_names}
 
     def _check_config(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Validates the effective options of one call and returns what the pipeline needs."""
@@ -768,7 +745,7 @@ _PREPROCESS_DOC = r"""
         Slices and normalises images into SliME views.
 
         Args:
-            images (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor`, `str`, `os.PathLike`, `bytes`, or a (nested) list of these):
+            images (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor`, `str`, `os.PathLike`, `bytes`, or (nested) lists):
                 The images. Arrays and tensors are uint8 (uint16 is scaled to 8 bits), `(H, W)`, `(H, W, C)` or
                 `(C, H, W)` (numpy defaults to channels-last, torch to channels-first when the shape is ambiguous;
                 `input_data_format` decides explicitly); 4-D arrays are batches. Strings are file paths or
@@ -801,9 +778,9 @@ class SliMEImageProcessorPil(_SliMEImageProcessorMixin, PilBackend):
        `rows x cols` tiles, which is cut into 336x336 crops row-major;
     3. all views are rescaled by `1/255` and normalised with the CLIP mean and std in one vectorised pass.
 
-    With `num_threads` > 1 (2 by default on multi-core machines) the global-view resize and the three channel
-    resizes of the crop canvas run on worker threads: Pillow resizes each channel of an RGB image exactly as a
-    single-band image, so the output bytes do not depend on the thread count.
+    The global-view resize and the crop-canvas resize of an image are independent: with `num_threads` > 1 (2 by
+    default on multi-core machines) they run on two threads (Pillow releases the GIL). The output does not depend
+    on the thread count.
 
     Args:
         image_mean (`float` or `list[float]`, *optional*, defaults to the OpenAI CLIP mean):
@@ -830,9 +807,6 @@ class SliMEImageProcessorPil(_SliMEImageProcessorMixin, PilBackend):
         super().__init__(**kwargs)
         self._check_config(self._defaults())
 
-    def _defaults(self) -> dict[str, Any]:
-        return {name: getattr(self, name, None) for name in self._valid_kwargs_names}
-
     def preprocess(self, images: Any, **kwargs: Unpack[SliMEImageProcessorKwargs]) -> BatchFeature:
         return super().preprocess(images, **kwargs)
 
@@ -846,7 +820,8 @@ class SliMEImageProcessorPil(_SliMEImageProcessorMixin, PilBackend):
             chw = _tensor_to_rgb_chw(item.detach().cpu(), options["input_data_format"], what)
             return Image.fromarray(np.ascontiguousarray(chw.permute(1, 2, 0).numpy()))
         if isinstance(item, np.ndarray):
-            return Image.fromarray(np.ascontiguousarray(_array_to_rgb_hwc(item, options["input_data_format"], False, what)))
+            array = _array_to_rgb_hwc(item, options["input_data_format"], False, what)
+            return Image.fromarray(np.ascontiguousarray(array))
         if _is_source(item):
             return convert_to_rgb(_open_image(item, f"{what} ({_describe(item)})"))
         raise _unsupported(item, what)
@@ -858,7 +833,6 @@ class SliMEImageProcessorPil(_SliMEImageProcessorMixin, PilBackend):
         self, images: list[Image.Image], geometries: list[SliceGeometry], options: dict[str, Any]
     ) -> np.ndarray:
         tile, resample, normalize = options["tile"], options["resample"], options["normalizer"]
-        threaded = options["num_threads"] > 1
         max_views = max(g.num_views for g in geometries)
         # Zero-filled: padding views stay exactly zero; real views are overwritten in place, no stacking copies.
         out = np.zeros((len(images), max_views, 3, tile, tile), dtype=np.float32)
@@ -867,16 +841,8 @@ class SliMEImageProcessorPil(_SliMEImageProcessorMixin, PilBackend):
             hw = (image.height, image.width)
             tasks.append((_resize_cost(hw, (tile, tile)), functools.partial(
                 self._global_view, image, out[index, 0], tile, resample, normalize)))
-            local_cost = _resize_cost(hw, geometry.resized_size) + geometry.num_local_crops * tile * tile
-            if threaded:
-                # Pillow resizes each channel of an RGB image with the same coefficients and integer arithmetic as
-                # a single-band image, so three band resizes give the same bytes and spread over the threads.
-                for channel in range(3):
-                    tasks.append((local_cost // 2, functools.partial(
-                        self._local_crops_channel, image, geometry, out[index], resample, normalize, channel)))
-            else:
-                tasks.append((local_cost, functools.partial(
-                    self._local_crops, image, geometry, out[index], resample, normalize)))
+            tasks.append((_resize_cost(hw, geometry.resized_size) + geometry.num_local_crops * tile * tile,
+                          functools.partial(self._local_crops, image, geometry, out[index], resample, normalize)))
         tasks.sort(key=lambda task: -task[0])
         _run_tasks([task for _, task in tasks], options["num_threads"])
         return out
@@ -901,26 +867,6 @@ class SliMEImageProcessorPil(_SliMEImageProcessorMixin, PilBackend):
         # (H, W, 3) canvas -> (rows, cols, 3, tile, tile) crops: a strided view, read once by the normaliser
         crops = canvas.reshape(rows, tile, cols, tile, 3).transpose(0, 2, 4, 1, 3)
         normalize(dst[1 : 1 + rows * cols].reshape(rows, cols, 3, tile, tile), crops)
-
-    @staticmethod
-    def _local_crops_channel(
-        image: Image.Image,
-        geometry: SliceGeometry,
-        dst: np.ndarray,
-        resample: int,
-        normalize: _Normalizer,
-        channel: int,
-    ) -> None:
-        (rows, cols), (canvas_h, canvas_w) = geometry.grid, geometry.canvas_size
-        (new_h, new_w), (top, left), tile = geometry.resized_size, geometry.paste_offset, geometry.tile_size
-        resized = np.asarray(image.getchannel(channel).resize((new_w, new_h), resample))
-        if (new_h, new_w) == (canvas_h, canvas_w):
-            canvas = resized
-        else:
-            canvas = np.zeros((canvas_h, canvas_w), dtype=np.uint8)
-            canvas[top : top + new_h, left : left + new_w] = resized
-        crops = canvas.reshape(rows, tile, cols, tile).transpose(0, 2, 1, 3)
-        normalize.channel(dst[1 : 1 + rows * cols].reshape(rows, cols, 3, tile, tile)[:, :, channel], crops, channel)
 
 
 class SliMEImageProcessor(_SliMEImageProcessorMixin, BaseImageProcessor):
@@ -966,9 +912,6 @@ class SliMEImageProcessor(_SliMEImageProcessorMixin, BaseImageProcessor):
     def backend(self) -> str:
         """`str`: The backend of this image processor."""
         return "torch"
-
-    def _defaults(self) -> dict[str, Any]:
-        return {name: getattr(self, name, None) for name in self._valid_kwargs_names}
 
     def preprocess(self, images: Any, **kwargs: Unpack[SliMEImageProcessorKwargs]) -> BatchFeature:
         return super().preprocess(images, **kwargs)

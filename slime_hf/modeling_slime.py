@@ -20,7 +20,7 @@ from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
 from .configuration_slime import CLIP_VIT_L_336, SliMEConfig
-from .image_processing_slime import get_slice_grid
+from .image_processing_slime import IMAGE_PROCESSOR_AUTO_MAP, get_slice_grid
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -497,7 +497,7 @@ AUTO_MAP = {
     "AutoModelForImageTextToText": "modeling_slime.SliMEForConditionalGeneration",
     "AutoModelForCausalLM": "modeling_slime.SliMEForConditionalGeneration",
     "AutoProcessor": "processing_slime.SliMEProcessor",
-    "AutoImageProcessor": "image_processing_slime.SliMEImageProcessorPil",
+    "AutoImageProcessor": dict(IMAGE_PROCESSOR_AUTO_MAP),
 }
 
 

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,7 +29,6 @@ from slime_hf.image_processing_slime import (
 )
 
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CASE_FILES = ("case1.npz", "case2.npz", "case3.npz", "case4.npz")
 # The torch backend resizes with torch's bicubic kernel: a few uint8 levels off Pillow (measured max 0.21).
 TORCH_SANITY_BOUND = 0.3
@@ -148,10 +146,6 @@ def test_normalizer_is_the_exact_recipe():
     dst = np.empty(src.shape, dtype=np.float32)
     normalizer(dst, src)
     assert np.array_equal(dst[0, :, 0], reference) and np.array_equal(dst[1, :, 0], reference)
-    for channel in range(3):
-        one = np.empty((1, 256), dtype=np.float32)
-        normalizer.channel(one, levels[None], channel)
-        assert np.array_equal(one[0], reference[channel])
     # torch backend: the same float32 operations
     views = torch.from_numpy(src.astype(np.float32))
     normalizer.torch_(views)
@@ -480,7 +474,8 @@ def test_per_call_options(common):
     image = _rgb(common, "tiny_60x40.png")
     plain = SliMEImageProcessorPil()(image, do_normalize=False, do_rescale=False)["pixel_values"][0]
     assert plain.max() <= 255 and float(plain.max()) == float(plain.round().max())  # raw levels
-    assert torch.equal(plain[0], torch.from_numpy(np.asarray(image.resize((336, 336))).transpose(2, 0, 1).copy()).float())
+    global_view = np.asarray(image.resize((336, 336))).transpose(2, 0, 1)
+    assert torch.equal(plain[0], torch.from_numpy(global_view.astype(np.float32)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
