@@ -255,6 +255,37 @@ def _torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
+class SliMEResamplerAttention(nn.Module):
+    """Multi-head cross-attention with the parameters and arithmetic of `nn.MultiheadAttention` (sequence-first,
+    explicit softmax path), written out so that every weight is used through this module or its own submodules:
+    that keeps accelerate's per-module offload hooks (`device_map`) correct."""
+
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden size {hidden_size} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * hidden_size, hidden_size))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * hidden_size))
+        self.out_proj = nn.Linear(hidden_size, hidden_size)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """query (Lq, N, C), key and value (Lk, N, C) -> (Lq, N, C)."""
+        query_length, batch, width = query.shape
+        key_length = key.shape[0]
+        head_dim = width // self.num_heads
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+        q = F.linear(query, w_q, b_q).view(query_length, batch * self.num_heads, head_dim).transpose(0, 1)
+        k = F.linear(key, w_k, b_k).view(key_length, batch * self.num_heads, head_dim).transpose(0, 1)
+        v = F.linear(value, w_v, b_v).view(key_length, batch * self.num_heads, head_dim).transpose(0, 1)
+        weights = torch.softmax(torch.bmm(q * math.sqrt(1.0 / float(head_dim)), k.transpose(-2, -1)), dim=-1)
+        out = torch.bmm(weights, v).transpose(0, 1).contiguous().view(query_length * batch, width)
+        return self.out_proj(out).view(query_length, batch, width)
+
+
 class SliMEResampler(nn.Module):
     """One cross-attention layer of learned queries over vision patches, with sin-cos position tables.
 
@@ -271,7 +302,7 @@ class SliMEResampler(nn.Module):
         self.position_table = nn.Parameter(
             sincos_position_table(hidden, self.grid_size).to(self.table_dtype), requires_grad=False
         )
-        self.attn = nn.MultiheadAttention(hidden, max(1, hidden // config.resampler_head_dim))
+        self.attn = SliMEResamplerAttention(hidden, max(1, hidden // config.resampler_head_dim))
         eps = config.resampler_layer_norm_eps
         self.norm_queries = nn.LayerNorm(hidden, eps=eps)
         self.norm_inputs = nn.LayerNorm(hidden, eps=eps)
@@ -298,9 +329,9 @@ class SliMEResampler(nn.Module):
         dtype = features.dtype
         key_positions = self.key_position_table(input_grid).to(dtype)
         query_positions = self.position_table.detach().to(self.table_dtype).to(dtype)
-        inputs = self.norm_inputs(features).permute(1, 0, 2)  # sequence-first, as nn.MultiheadAttention expects
+        inputs = self.norm_inputs(features).permute(1, 0, 2)  # sequence-first, as the original
         queries = self.norm_queries(self.queries).unsqueeze(1).repeat(1, batch, 1) + query_positions.unsqueeze(1)
-        out = self.attn(queries, inputs + key_positions.unsqueeze(1), inputs)[0]
+        out = self.attn(queries, inputs + key_positions.unsqueeze(1), inputs)
         return self.norm_output(out.permute(1, 0, 2))
 
 
@@ -541,6 +572,10 @@ class SliMEPreTrainedModel(PreTrainedModel):
             nn.init.trunc_normal_(module.queries, std=0.02)
             table = sincos_position_table(module.position_table.shape[1], module.grid_size)
             module.position_table.copy_(table.to(module.table_dtype).to(module.position_table.dtype))
+        elif isinstance(module, SliMEResamplerAttention):
+            nn.init.xavier_uniform_(module.in_proj_weight)
+            module.in_proj_bias.zero_()
+            module.out_proj.bias.zero_()
         elif isinstance(module, SliMEGlobalAdapter):
             module.gate_weight.zero_()
             module.gate_noise_weight.zero_()
