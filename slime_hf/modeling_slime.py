@@ -17,6 +17,7 @@ from torch import nn
 
 from transformers import AutoModel, CLIPVisionConfig, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
 from .configuration_slime import CLIP_VIT_L_336, SliMEConfig
@@ -463,25 +464,17 @@ class SliMEImageFeatures(ModelOutput):
 
 
 @dataclass
-class SliMEModelOutputWithPast(ModelOutput):
-    """Output of [`SliMEModel`]: the text model's output plus the assembled sequence's bookkeeping.
+class SliMEModelOutputWithPast(BaseModelOutputWithPast):
+    """Output of [`SliMEModel`]: the text model's output (its KV-cache field named as in the installed transformers)
+    plus the assembled sequence's bookkeeping.
 
     Args:
-        last_hidden_state (`torch.FloatTensor` of shape `(batch, assembled_length, hidden)`).
-        past_key_values (`Cache`, *optional*).
-        hidden_states (`tuple(torch.FloatTensor)`, *optional*).
-        attentions (`tuple(torch.FloatTensor)`, *optional*).
         attention_mask (`torch.LongTensor` of shape `(batch, assembled_length)`): mask of the assembled sequence.
         labels (`torch.LongTensor`, *optional*): labels aligned with the assembled sequence (image positions -100).
         selected_indices (`list[torch.LongTensor]`, *optional*): per image, the kept local token indices.
         image_token_budget (`list[dict]`, *optional*): per image, tokens the LLM sees (see [`SliMEImageFeatures`]).
     """
 
-    last_hidden_state: torch.FloatTensor | None = None
-    cache: Any = None
-    past_key_values: Any = None
-    hidden_states: tuple | None = None
-    attentions: tuple | None = None
     attention_mask: torch.LongTensor | None = None
     labels: torch.LongTensor | None = None
     selected_indices: list | None = None
@@ -489,25 +482,16 @@ class SliMEModelOutputWithPast(ModelOutput):
 
 
 @dataclass
-class SliMECausalLMOutputWithPast(ModelOutput):
-    """Output of [`SliMEForConditionalGeneration`].
+class SliMECausalLMOutputWithPast(CausalLMOutputWithPast):
+    """Output of [`SliMEForConditionalGeneration`]: loss, logits and KV cache as for any causal LM, plus:
 
     Args:
-        loss (`torch.FloatTensor`, *optional*): next-token loss over the assembled labels.
-        logits (`torch.FloatTensor` of shape `(batch, assembled_length, vocab)`).
-        past_key_values, hidden_states, attentions: as for any causal LM.
         attention_mask (`torch.LongTensor`): mask of the assembled sequence (what the logits are aligned with).
         selected_indices (`list[torch.LongTensor]`, *optional*): per image, the kept local token indices.
         image_token_budget (`list[dict]`, *optional*): per image, `global`, `separator`, `local_kept`,
             `local_total`, `total`.
     """
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    cache: Any = None
-    past_key_values: Any = None
-    hidden_states: tuple | None = None
-    attentions: tuple | None = None
     attention_mask: torch.LongTensor | None = None
     selected_indices: list | None = None
     image_token_budget: list | None = None
@@ -756,6 +740,27 @@ class SliMEModel(SliMEPreTrainedModel):
             global_tokens=global_tokens if use_global else None,
         )
 
+    def dummy_image_anchor(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """A zero that depends on every vision module the config uses (REFERENCE_ALGORITHM 9 item 32).
+
+        A training batch without images runs one black dummy image (one global view, one local crop) through the
+        global adapter, the local compressor and the router, and adds its output multiplied by zero: every rank then
+        runs the same modules on every step, so DDP sees a gradient (zero) for every trained parameter and ZeRO-3
+        gathers the same parameters on every rank.
+        """
+        tile = self.config.vision_config.image_size
+        dtype = self.projector.linear_1.weight.dtype
+        features = self.encode_views(torch.zeros(2, 3, tile, tile, device=input_ids.device)).to(dtype)
+        total = features.new_zeros(())
+        if not self.config.use_local_only:
+            total = total + self.global_adapter(features[:1], self.projector).sum()
+        if not self.config.use_global_only:
+            local = self.projector(self.local_compressor(features[1:]))[0]
+            text, text_mask = self._text_for_routing(input_ids, attention_mask, None, 0)
+            kept = self.router.select(self.router.scores(local, text.to(local.dtype), text_mask).float(), 1.0)
+            total = total + local[kept].sum()
+        return total * 0.0
+
     def _image_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[int]:
         is_image = input_ids == self.config.image_token_id
         if attention_mask is not None:
@@ -864,6 +869,8 @@ class SliMEModel(SliMEPreTrainedModel):
             if bool((input_ids == self.config.image_token_id).any()):
                 raise ValueError("the prompts hold image placeholders but no pixel_values were given")
             inputs_embeds = self.get_input_embeddings()(input_ids)
+            if self.training and torch.is_grad_enabled():
+                inputs_embeds = inputs_embeds + self.dummy_image_anchor(input_ids, attention_mask).to(inputs_embeds.dtype)
         else:
             real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
             num_placeholders = int(((input_ids == self.config.image_token_id) & real).sum())
