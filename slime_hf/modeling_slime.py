@@ -843,7 +843,6 @@ class SliMEModel(SliMEPreTrainedModel):
         use_cache: bool | None = None,
         router_top_p: float | None = None,
         padding_side: str | None = None,
-        cache_position: torch.LongTensor | None = None,
         cache: Any = None,
         **kwargs,
     ) -> SliMEModelOutputWithPast:
@@ -892,7 +891,6 @@ class SliMEModel(SliMEPreTrainedModel):
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=use_cache,
-            cache_position=cache_position,
             **{_cache_argument_name(self.language_model): cache},
             **kwargs,
         )
@@ -954,7 +952,6 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
         router_top_p: float | None = None,
         padding_side: str | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        cache_position: torch.LongTensor | None = None,
         cache: Any = None,
         **kwargs,
     ) -> SliMECausalLMOutputWithPast:
@@ -985,7 +982,6 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             router_top_p=router_top_p,
             padding_side=padding_side,
-            cache_position=cache_position,
             **kwargs,
         )
         hidden = outputs.last_hidden_state
@@ -1033,9 +1029,8 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
             raise ValueError("generate needs input_ids (from the processor)")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        padded_right = bool((attention_mask[:, -1] == 0).any())
-        if padded_right:
-            raise ValueError("generate needs left-padded prompts (processor(..., padding_side='left'), the default)")
+        # Padding on either side is dropped and the assembled rows are re-padded on the left: right-padded prompts
+        # (e.g. from a pipeline) generate the same answers; the output still starts with the caller's input_ids.
         inner = self.model
         num_placeholders = int(((input_ids == self.config.image_token_id) & attention_mask.bool()).sum())
         num_images = 0 if pixel_values is None else pixel_values.shape[0]

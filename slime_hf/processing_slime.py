@@ -916,7 +916,8 @@ class SliMEProcessor(ProcessorMixin):
             **kwargs:
                 Hub arguments (`revision`, `token`, `cache_dir`, `subfolder`, ...), `image_processor` (an instance to
                 use instead of the saved one), and `SliMEProcessor` arguments (`chat_template`, `image_token`,
-                `sentencepiece_legacy`).
+                `sentencepiece_legacy`). Other keyword arguments (e.g. the model's `dtype` or `device_map`, which
+                `pipeline` passes to the processor too) are ignored.
 
         Returns:
             [`SliMEProcessor`]
@@ -969,7 +970,9 @@ class SliMEProcessor(ProcessorMixin):
             chat_template["default"] = chat_template[chat_template_name]
 
         init_kwargs = {"image_token": processor_dict.get("image_token", IMAGE_TOKEN)}
-        init_kwargs.update(kwargs)
+        # As `ProcessorMixin.from_pretrained`, other kwargs are ignored: `pipeline(...)` passes the model's loading
+        # kwargs (`dtype`, `device_map`, ...) to the processor as well.
+        init_kwargs.update({key: value for key, value in kwargs.items() if key in ("image_token",)})
         processor = cls(
             image_processor=image_processor,
             tokenizer=tokenizer,

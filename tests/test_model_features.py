@@ -108,3 +108,21 @@ def test_bfloat16_run_keeps_position_tables_and_stays_close(saved_folder):
         low = model(**inputs).logits[:, -1].float()
         high = reference(**inputs).logits[:, -1]
     assert (low - high).abs().max().item() < 0.1 * high.abs().max().item()
+
+
+def test_right_padded_prompts_generate_the_same_answers(saved_folder):
+    model = SliMEForConditionalGeneration.from_pretrained(saved_folder, dtype=torch.float32).eval()
+    goldens = [gu.case("V", "text_only"), gu.case("V", "single_3crop")]
+    rows = [gu.golden_ids(g["input_ids"], model.config.image_token_id)[0] for g in goldens]
+    width = max(len(r) for r in rows)
+    input_ids = torch.zeros(2, width, dtype=torch.long)
+    attention_mask = torch.zeros(2, width, dtype=torch.long)
+    for index, row in enumerate(rows):
+        input_ids[index, : len(row)] = row
+        attention_mask[index, : len(row)] = 1
+    pixel_values, image_sizes = gu.pixel_inputs(goldens[1]["images"])
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                         image_sizes=image_sizes, do_sample=False, max_new_tokens=24)
+    assert torch.equal(out[:, :width], input_ids)
+    for index, golden in enumerate(goldens):
+        assert out[index, width:].tolist() == golden["generated_new_ids"][0]
