@@ -65,8 +65,8 @@ ORIGINAL_DROPPED_NAMES = re.compile(r"^model\.mm_projector\.(mean|std)$|\.embedd
 def rename_original_key(key: str) -> str | None:
     """Maps one weight name of the authors' `llava_llama` layout to the package's name (`None`: dropped).
 
-    Accepts the names with or without the leading `model.` of the language model wrapper (`base_model.model.` of
-    peft files is the caller's business). Raises `KeyError` for a name the table does not know.
+    Takes the full names of a `LlavaLlamaForCausalLM` state dict (`model.*`, `lm_head.*`); peft's
+    `base_model.model.` prefix is the caller's business. Raises `KeyError` for a name the table does not know.
     """
     if ORIGINAL_DROPPED_NAMES.search(key):
         return None
@@ -94,7 +94,7 @@ def rename_original_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str,
 KNOWN_VISION_TOWERS = {
     "openai/clip-vit-large-patch14-336": CLIP_VIT_L_336,
 }
-_ORIGINAL_MM_FIELDS = (
+ORIGINAL_MM_FIELDS = (
     "mm_vision_tower", "mm_hidden_size", "mm_vision_select_layer", "mm_vision_select_feature", "mm_projector_type",
     "mm_learnable_gated", "mm_resampler_type", "mm_resampler_dim", "mm_resampler_topp", "mm_resampler_temp",
     "seperator", "use_global_only", "use_local_only", "mm_patch_merge_type", "image_aspect_ratio",
@@ -161,7 +161,7 @@ def config_from_original(config_dict: dict, checkpoint_dir: str | None = None) -
             f"mm_hidden_size={config_dict['mm_hidden_size']} does not match the vision tower's hidden size "
             f"{vision_config.hidden_size}"
         )
-    text_fields = {k: v for k, v in config_dict.items() if k not in _ORIGINAL_MM_FIELDS}
+    text_fields = {k: v for k, v in config_dict.items() if k not in ORIGINAL_MM_FIELDS}
     text_fields.pop("pad_token_id", None)
     text_config = {"model_type": "llama", **text_fields, "pad_token_id": config_dict.get("pad_token_id")}
     gated = int(config_dict.get("mm_learnable_gated", -1))
@@ -1088,6 +1088,7 @@ __all__ = [
     "SliMEModel",
     "SliMEForConditionalGeneration",
     "ORIGINAL_TO_PACKAGE_NAMES",
+    "ORIGINAL_MM_FIELDS",
     "rename_original_key",
     "rename_original_state_dict",
     "config_from_original",
