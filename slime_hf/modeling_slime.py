@@ -741,7 +741,7 @@ class SliMEModel(SliMEPreTrainedModel):
         )
 
     def dummy_image_anchor(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """A zero that depends on every vision module the config uses (REFERENCE_ALGORITHM 9 item 32).
+        """A zero that depends on every vision module the config uses (for training batches without images).
 
         A training batch without images runs one black dummy image (one global view, one local crop) through the
         global adapter, the local compressor and the router, and adds its output multiplied by zero: every rank then

@@ -1,0 +1,211 @@
+"""`SliMETrainer`: the Hugging Face `Trainer` with SliME's optimizer groups, sampler and stage-aware saving."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from transformers import Trainer
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from transformers.utils import logging
+
+from ..modeling_slime import SliMEGlobalAdapter, SliMEProjector, SliMEResampler
+from .build import load_adapter_weights_into
+from .sampler import ModalityLengthGroupedSampler
+from .stages import ADAPTER_MODULES, get_stage, is_adapter_parameter, package_parameter_name
+
+
+logger = logging.get_logger(__name__)
+
+NON_LORA_TRAINABLES_NAME = "non_lora_trainables.safetensors"
+TRAINING_ARGS_NAME = "training_args.bin"
+# Declared as ZeRO-3 leaf modules: each gathers all of its parameters at once and runs without per-submodule hooks.
+ZERO3_LEAF_MODULES = (SliMEGlobalAdapter, SliMEResampler, SliMEProjector)
+
+
+def _unwrap_peft(model: Any) -> Any:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class SliMETrainer(Trainer):
+    """
+    [`~transformers.Trainer`] for SliME stages (see [`SliMETrainingArguments`]).
+
+    - Optimizer: only parameters that train; the vision adapters get `adapter_lr` (else `learning_rate`), the
+      language model `learning_rate`; norms and biases get no weight decay.
+    - Loss: the model's causal-LM loss over the assembled sequence, normalised by `num_items_in_batch` (the targets
+      of the whole accumulated batch, across devices), so gradient accumulation gives the same update as one big
+      batch. The router's and gate's training noise follow `model.train()` / `model.eval()`.
+    - Sampler: the default `RandomSampler` (what the releases were trained with), or the modality-grouped length
+      sampler with `group_by_modality_length`.
+    - Saving: stages 1-2 write only the adapter weights (all of them, trained in this stage or carried over) as
+      `slime_adapters.safetensors` + `config.json`, at every checkpoint and at the end (gathered under ZeRO-3 / FSDP
+      full state dicts); stage 3 writes a full `save_pretrained` folder with the processor and a model card; with
+      LoRA, `adapter_model.safetensors` + `non_lora_trainables.safetensors` (package names) + config and processor.
+      `resume_from_checkpoint` restores weights, optimizer, scheduler, RNG and data position.
+    - DeepSpeed ZeRO-3: the global adapter, the resamplers and the projector are declared leaf modules (each gathers
+      its parameters at once); with the model's dummy image for batches without images, every rank runs the same
+      modules on every step.
+
+    Args:
+        base_model (`str`, *optional*): what training started from, for the model card of stage 3.
+        *args, **kwargs: as [`~transformers.Trainer`].
+    """
+
+    def __init__(self, *args: Any, base_model: str | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.base_model = base_model
+        self.stage = get_stage(getattr(self.args, "stage", "3"))
+        if is_deepspeed_zero3_enabled():
+            from deepspeed.utils import set_z3_leaf_modules
+
+            set_z3_leaf_modules(_unwrap_peft(self.model), list(ZERO3_LEAF_MODULES))
+
+    # -- optimizer --------------------------------------------------------------------------------------------------
+    def parameter_groups(self, model: torch.nn.Module) -> list[dict]:
+        """Optimizer groups: (adapters | language model) x (decay | no decay), trainable parameters only."""
+        decay = set(self.get_decay_parameter_names(model))
+        adapter_lr = getattr(self.args, "adapter_lr", None)
+        groups: dict[tuple[bool, bool], list] = {}
+        for name, parameter in model.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            key = (is_adapter_parameter(name), name in decay)
+            groups.setdefault(key, []).append(parameter)
+        out = []
+        for (is_adapter, decays), parameters in sorted(groups.items()):
+            group = {"params": parameters, "weight_decay": self.args.weight_decay if decays else 0.0}
+            if is_adapter and adapter_lr is not None:
+                group["lr"] = adapter_lr
+            out.append(group)
+        return out
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            optimizer_cls, optimizer_kwargs = (
+                self.optimizer_cls_and_kwargs or self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            )
+            self.optimizer = optimizer_cls(self.parameter_groups(opt_model), **optimizer_kwargs)
+        return self.optimizer
+
+    # -- sampler ----------------------------------------------------------------------------------------------------
+    def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if getattr(self.args, "group_by_modality_length", False) and hasattr(dataset, "modality_lengths"):
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return ModalityLengthGroupedSampler(
+                dataset.modality_lengths,
+                batch_size=self.args.train_batch_size,
+                # As upstream LLaVA: one chunk per rank and accumulation step of each mega-batch.
+                world_size=self.args.world_size * self.args.gradient_accumulation_steps,
+                seed=seed,
+            )
+        return super()._get_train_sampler(train_dataset)
+
+    # -- saving -----------------------------------------------------------------------------------------------------
+    def _trainable_package_names(self) -> set[str]:
+        return {
+            package_parameter_name(name) for name, p in self.model.named_parameters()
+            if p.requires_grad and "lora_" not in name
+        }
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        is_lora = hasattr(unwrapped, "get_base_model")
+        base = _unwrap_peft(unwrapped)
+        if self.stage.saves_full_model and not is_lora:
+            base.config.text_config.use_cache = True
+            super()._save(output_dir, state_dict=state_dict)
+            if self.args.should_save:
+                self._write_model_card(output_dir, base.config)
+            return
+        if state_dict is None:
+            state_dict = unwrapped.state_dict()
+        if is_lora:
+            super()._save(output_dir, state_dict=state_dict)
+            if self.args.should_save:
+                self._save_non_lora_trainables(output_dir, state_dict, base)
+            return
+        if not self.args.should_save:
+            return
+        from ..checkpoints import save_adapter_weights
+
+        prefixes = tuple(f"model.{m}." for m in ADAPTER_MODULES)
+        adapters = {}
+        for key, tensor in state_dict.items():
+            name = package_parameter_name(key)
+            if name.startswith(prefixes):
+                adapters[name] = tensor.detach().cpu().contiguous()
+        os.makedirs(output_dir, exist_ok=True)
+        save_adapter_weights(adapters, output_dir, base.config)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _save_non_lora_trainables(self, output_dir: str, state_dict: dict, base: Any) -> None:
+        from safetensors.torch import save_file
+
+        trainable = self._trainable_package_names()
+        tensors = {}
+        for key, tensor in state_dict.items():
+            name = package_parameter_name(key)
+            if "lora_" not in key and name in trainable:
+                tensors[name] = tensor.detach().cpu().contiguous()
+        save_file(tensors, os.path.join(output_dir, NON_LORA_TRAINABLES_NAME), metadata={"format": "pt"})
+        base.config.save_pretrained(output_dir)
+
+    def _write_model_card(self, output_dir: str, config: Any) -> None:
+        from ..model_card import save_model_card
+
+        args = self.args
+        source = self.base_model or "a SliME checkpoint"
+        rates = f"learning rate {args.learning_rate}"
+        if getattr(args, "adapter_lr", None) is not None:
+            rates += f" (adapters {args.adapter_lr})"
+        training = (
+            f"Stage {self.stage.name} of the SliME recipe ({self.stage.description}), trained from `{source}` with "
+            f"slime-hf's `SliMETrainer`: {rates}, {args.lr_scheduler_type} schedule, {args.num_train_epochs} "
+            f"epoch(s), {args.per_device_train_batch_size} samples per device x {args.gradient_accumulation_steps} "
+            f"accumulation steps x {args.world_size} device(s), router top-p {config.router_top_p}."
+        )
+        save_model_card(
+            output_dir,
+            # Hub metadata takes Hub ids only; a local starting point is named in the training paragraph.
+            base_model=self.base_model if self.base_model and not os.path.exists(self.base_model) else None,
+            base_model_relation="finetune",
+            router_top_p=config.router_top_p,
+            chat_template=getattr(self.train_dataset, "template", None),
+            training=training,
+        )
+
+    # -- resuming ---------------------------------------------------------------------------------------------------
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        target = model if model is not None else self.model
+        unwrapped = self.accelerator.unwrap_model(target)
+        is_lora = hasattr(unwrapped, "get_base_model")
+        if self.stage.saves_full_model or is_lora:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            if is_lora:
+                from ..checkpoints import load_non_lora_trainables
+
+                weights = load_non_lora_trainables(resume_from_checkpoint)
+                self._load_weights(_unwrap_peft(unwrapped), weights, resume_from_checkpoint)
+            return
+        from ..checkpoints import load_adapter_weights
+
+        weights = load_adapter_weights(resume_from_checkpoint)
+        self._load_weights(_unwrap_peft(unwrapped), weights, resume_from_checkpoint)
+
+    def _load_weights(self, model: torch.nn.Module, weights: dict, source: str) -> None:
+        if self.is_fsdp_enabled:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(
+                self.model_wrapped, weights, options=StateDictOptions(full_state_dict=True, strict=False)
+            )
+        else:
+            load_adapter_weights_into(model, weights, source)
+
+
+__all__ = ["SliMETrainer"]
