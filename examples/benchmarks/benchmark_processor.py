@@ -145,6 +145,35 @@ def main() -> None:
         "on the machine slows (a) and (c) most: compare runs taken on an idle machine."
     )
 
+    print_kept_index_changes(args.fixtures)
+
+
+def print_kept_index_changes(fixtures: Path) -> None:
+    """How many router-kept local tokens change when the golden cases run on the torch backend's pixels."""
+    import json
+
+    from slime_hf import SliMEForConditionalGeneration, SliMEImageProcessor
+
+    fast = SliMEImageProcessor()
+    print(f"\n{'variant':<8}{'case':<16}{'image':>6}{'kept (golden)':>15}{'kept (torch pixels)':>21}{'changed':>9}")
+    for variant in ("V", "L"):
+        model = SliMEForConditionalGeneration.from_pretrained(fixtures / variant / "checkpoint").eval()
+        cases = json.loads((fixtures / variant / "model_goldens" / "cases.json").read_text())["cases"]
+        for case in cases:
+            if not case["images"] or case["name"] == "batched_left_pad":
+                continue
+            inputs = fast([Image.open(fixtures / f) for f in case["image_files"]])
+            ids = torch.tensor(json.loads(case["input_ids"]) if isinstance(case["input_ids"], str) else case["input_ids"])
+            ids[ids == -200] = model.config.image_token_id
+            with torch.no_grad():
+                kept = model.get_image_features(inputs["pixel_values"], inputs["image_sizes"], ids,
+                                                router_top_p=case["top_p"]).selected_indices
+            for index, image in enumerate(case["images"]):
+                golden = image["selected_indices"]
+                golden = set(json.loads(golden) if isinstance(golden, str) else golden)
+                ours = set(kept[index].tolist())
+                print(f"{variant:<8}{case['name']:<16}{index:>6}{len(golden):>15}{len(ours):>21}{len(golden ^ ours):>9}")
+
 
 if __name__ == "__main__":
     main()
