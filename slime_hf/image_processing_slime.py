@@ -768,6 +768,24 @@ _PREPROCESS_DOC = r"""
 """
 
 
+# The options both backends share, spelled once for both class docstrings.
+_SHARED_ARGS_DOC = """        image_mean (`float` or `list[float]`, *optional*, defaults to the OpenAI CLIP mean):
+            Per-channel mean subtracted after rescaling.
+        image_std (`float` or `list[float]`, *optional*, defaults to the OpenAI CLIP std):
+            Per-channel standard deviation the values are divided by.
+        do_rescale (`bool`, *optional*, defaults to `True`):
+            Whether to multiply the uint8 values by `rescale_factor`.
+        rescale_factor (`float`, *optional*, defaults to `1/255`):
+            Rescaling factor.
+        do_normalize (`bool`, *optional*, defaults to `True`):
+            Whether to normalise with `image_mean` and `image_std`.
+        size (`dict[str, int]`, *optional*, defaults to `{"height": 336, "width": 336}`):
+            Size of the global view; must equal `crop_size`.
+        crop_size (`dict[str, int]`, *optional*, defaults to `{"height": 336, "width": 336}`):
+            Size of one local crop (the tile of the grid rule).
+"""
+
+
 class SliMEImageProcessorPil(_SliMEImageProcessorMixin, PilBackend):
     r"""
     SliME image processor, Pillow backend (the default): bit-exact with the original implementation.
@@ -783,21 +801,7 @@ class SliMEImageProcessorPil(_SliMEImageProcessorMixin, PilBackend):
     on the thread count.
 
     Args:
-        image_mean (`float` or `list[float]`, *optional*, defaults to the OpenAI CLIP mean):
-            Per-channel mean subtracted after rescaling.
-        image_std (`float` or `list[float]`, *optional*, defaults to the OpenAI CLIP std):
-            Per-channel standard deviation the values are divided by.
-        do_rescale (`bool`, *optional*, defaults to `True`):
-            Whether to multiply the uint8 values by `rescale_factor`.
-        rescale_factor (`float`, *optional*, defaults to `1/255`):
-            Rescaling factor.
-        do_normalize (`bool`, *optional*, defaults to `True`):
-            Whether to normalise with `image_mean` and `image_std`.
-        size (`dict[str, int]`, *optional*, defaults to `{"height": 336, "width": 336}`):
-            Size of the global view; must equal `crop_size`.
-        crop_size (`dict[str, int]`, *optional*, defaults to `{"height": 336, "width": 336}`):
-            Size of one local crop (the tile of the grid rule).
-        resample (`PILImageResampling`, *optional*, defaults to `BICUBIC`):
+{shared_args}        resample (`PILImageResampling`, *optional*, defaults to `BICUBIC`):
             Pillow filter of both resizes (bicubic in the original).
         num_threads (`int`, *optional*):
             Threads for the resizes; `None` picks 2 on multi-core machines, `1` disables threading.
@@ -869,6 +873,9 @@ class SliMEImageProcessorPil(_SliMEImageProcessorMixin, PilBackend):
         normalize(dst[1 : 1 + rows * cols].reshape(rows, cols, 3, tile, tile), crops)
 
 
+SliMEImageProcessorPil.__doc__ = SliMEImageProcessorPil.__doc__.format(shared_args=_SHARED_ARGS_DOC)
+
+
 class SliMEImageProcessor(_SliMEImageProcessorMixin, BaseImageProcessor):
     r"""
     SliME image processor, torch backend (opt-in with `backend="torch"`): same geometry and normalisation as
@@ -877,21 +884,7 @@ class SliMEImageProcessor(_SliMEImageProcessorMixin, BaseImageProcessor):
     which can change the router's kept tokens. Does not need torchvision.
 
     Args:
-        image_mean (`float` or `list[float]`, *optional*, defaults to the OpenAI CLIP mean):
-            Per-channel mean subtracted after rescaling.
-        image_std (`float` or `list[float]`, *optional*, defaults to the OpenAI CLIP std):
-            Per-channel standard deviation the values are divided by.
-        do_rescale (`bool`, *optional*, defaults to `True`):
-            Whether to multiply the uint8 values by `rescale_factor`.
-        rescale_factor (`float`, *optional*, defaults to `1/255`):
-            Rescaling factor.
-        do_normalize (`bool`, *optional*, defaults to `True`):
-            Whether to normalise with `image_mean` and `image_std`.
-        size (`dict[str, int]`, *optional*, defaults to `{"height": 336, "width": 336}`):
-            Size of the global view; must equal `crop_size`.
-        crop_size (`dict[str, int]`, *optional*, defaults to `{"height": 336, "width": 336}`):
-            Size of one local crop (the tile of the grid rule).
-        resample (`PILImageResampling`, *optional*, defaults to `BICUBIC`):
+{shared_args}        resample (`PILImageResampling`, *optional*, defaults to `BICUBIC`):
             Interpolation: `BICUBIC` or `BILINEAR` (antialiased) or `NEAREST`.
         num_threads (`int`, *optional*):
             Ignored by this backend (kept so that one configuration serves both backends).
@@ -991,6 +984,9 @@ class SliMEImageProcessor(_SliMEImageProcessorMixin, BaseImageProcessor):
             views[1:].view(rows, cols, 3, tile, tile).copy_(crops)
             normalize.torch_(views)
         return out
+
+
+SliMEImageProcessor.__doc__ = SliMEImageProcessor.__doc__.format(shared_args=_SHARED_ARGS_DOC)
 
 
 def register_image_processors(config_class: type) -> None:

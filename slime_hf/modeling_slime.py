@@ -1022,7 +1022,11 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
             router_top_p (`float`, *optional*): the router's top-p for this call (never a bare `top_p`: that is
                 nucleus sampling).
             kwargs: any argument of [`~generation.GenerationMixin.generate`].
+
+        After the call, `model.last_image_token_budget` and `model.last_selected_indices` hold the per-image token
+        budget and kept local indices of this call (empty lists for a text-only call).
         """
+        self.last_image_token_budget, self.last_selected_indices = [], []
         if kwargs.get("inputs_embeds") is not None:
             return super().generate(attention_mask=attention_mask, **kwargs)
         if input_ids is None:
