@@ -73,6 +73,11 @@ class SliMEConfig(PreTrainedConfig):
         position_table_dtype (`str`, *optional*, defaults to `"float16"`):
             Dtype the resamplers' sin-cos position tables are rounded to (the original builds them in float16 and
             rounds the interpolated key table to float16); applied whatever dtype the model runs in.
+        training_max_length (`int`, *optional*):
+            Training: when labels are given, each assembled row (text + image tokens after routing) longer than this
+            is cut at the end, as the original's `tokenizer_model_max_length`, and a cut that would fall inside an
+            image block raises a `ValueError`. Set from `--model_max_length` by the training entry point; `None`
+            (the default) never cuts.
         use_global_only (`bool`, *optional*, defaults to `False`):
             The language model sees only the 576 global tokens per image (training stages 1a/1b).
         use_local_only (`bool`, *optional*, defaults to `False`):
@@ -104,6 +109,7 @@ class SliMEConfig(PreTrainedConfig):
         router_reads_answers: bool = True,
         separator_token_id: int = 1919,
         position_table_dtype: str = "float16",
+        training_max_length: int | None = None,
         use_global_only: bool = False,
         use_local_only: bool = False,
         tie_word_embeddings: bool = False,
@@ -157,6 +163,9 @@ class SliMEConfig(PreTrainedConfig):
         self.router_reads_answers = router_reads_answers
         self.separator_token_id = separator_token_id
         self.position_table_dtype = position_table_dtype
+        if training_max_length is not None and int(training_max_length) <= 0:
+            raise ValueError(f"training_max_length must be positive, got {training_max_length}")
+        self.training_max_length = None if training_max_length is None else int(training_max_length)
         self.use_global_only = use_global_only
         self.use_local_only = use_local_only
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)

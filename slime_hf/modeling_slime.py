@@ -18,10 +18,13 @@ from torch import nn
 from transformers import AutoModel, CLIPVisionConfig, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from .configuration_slime import CLIP_VIT_L_336, SliMEConfig
 from .image_processing_slime import IMAGE_PROCESSOR_AUTO_MAP, get_slice_grid
+
+
+logger = logging.get_logger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -473,12 +476,15 @@ class SliMEModelOutputWithPast(BaseModelOutputWithPast):
         labels (`torch.LongTensor`, *optional*): labels aligned with the assembled sequence (image positions -100).
         selected_indices (`list[torch.LongTensor]`, *optional*): per image, the kept local token indices.
         image_token_budget (`list[dict]`, *optional*): per image, tokens the LLM sees (see [`SliMEImageFeatures`]).
+        truncated_positions (`torch.LongTensor` of shape `(batch,)`, *optional*): with labels and
+            `config.training_max_length`, the positions cut from the end of each assembled row.
     """
 
     attention_mask: torch.LongTensor | None = None
     labels: torch.LongTensor | None = None
     selected_indices: list | None = None
     image_token_budget: list | None = None
+    truncated_positions: torch.LongTensor | None = None
 
 
 @dataclass
@@ -490,11 +496,14 @@ class SliMECausalLMOutputWithPast(CausalLMOutputWithPast):
         selected_indices (`list[torch.LongTensor]`, *optional*): per image, the kept local token indices.
         image_token_budget (`list[dict]`, *optional*): per image, `global`, `separator`, `local_kept`,
             `local_total`, `total`.
+        truncated_positions (`torch.LongTensor` of shape `(batch,)`, *optional*): with labels and
+            `config.training_max_length`, the positions cut from the end of each assembled row.
     """
 
     attention_mask: torch.LongTensor | None = None
     selected_indices: list | None = None
     image_token_budget: list | None = None
+    truncated_positions: torch.LongTensor | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -630,6 +639,10 @@ class SliMEModel(SliMEPreTrainedModel):
         text_mask = torch.ones_like(text_ids, dtype=torch.bool)
         if labels is not None and not self.config.router_reads_answers:
             text_mask = labels[row][real][~is_image] == -100
+        limit = self.config.training_max_length
+        if labels is not None and limit is not None:
+            # The original cuts the router's text to the same limit (a no-op for rows the data already cut).
+            text_ids, text_mask = text_ids[:limit], text_mask[:limit]
         embeds = self.get_input_embeddings()(text_ids)
         num_images = int(is_image.sum())
         embeds = torch.cat([embeds, embeds.new_zeros(num_images, embeds.shape[-1])])
@@ -775,11 +788,16 @@ class SliMEModel(SliMEPreTrainedModel):
         image_features: list[torch.Tensor],
         labels: torch.LongTensor | None = None,
         padding_side: str | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        max_length: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Splices each image's token block at its image token and compacts every row: padding and dropped
         tokens never reach the LLM; rows are re-padded (left for generation, right when `labels` are given).
 
-        Returns `(inputs_embeds, attention_mask, position_ids, labels)` of the assembled sequence.
+        With `max_length` (training), a row longer than it is cut at the end, as the original does after splicing;
+        a cut that would fall inside an image block, or drop one, raises a `ValueError` naming the row and image.
+
+        Returns `(inputs_embeds, attention_mask, position_ids, labels, truncated_positions)` of the assembled
+        sequence; `truncated_positions` `(batch,)` counts the positions cut from each row.
         """
         if padding_side is None:
             padding_side = "right" if labels is not None else "left"
@@ -800,16 +818,23 @@ class SliMEModel(SliMEPreTrainedModel):
             block_lengths = torch.tensor([f.shape[0] for f in image_features], device=device)
             counts = counts.masked_scatter(is_image, block_lengths)
         lengths = counts.sum(1)
+        unpadded_starts = counts.cumsum(1) - counts
+        is_text = real & ~is_image
+        truncated = torch.zeros_like(lengths)
+        if max_length is not None and bool((lengths > max_length).any()):
+            self._check_cut_outside_images(unpadded_starts, is_image, image_features, max_length)
+            is_text = is_text & (unpadded_starts < max_length)
+            truncated = (lengths - max_length).clamp(min=0)
+            lengths = lengths.clamp(max=max_length)
         total = int(lengths.max()) if batch else 0
         limit = getattr(self.config.text_config, "max_position_embeddings", None)
         if limit is not None and total > limit:
             raise ValueError(f"the assembled sequence has {total} positions (text + image tokens), "
                              f"{total - limit} more than the text model's max_position_embeddings={limit}")
         offsets = (total - lengths) if padding_side == "left" else torch.zeros_like(lengths)
-        starts = counts.cumsum(1) - counts + offsets.unsqueeze(1)
+        starts = unpadded_starts + offsets.unsqueeze(1)
 
         out = text_embeds.new_zeros(batch, total, text_embeds.shape[-1])
-        is_text = real & ~is_image
         rows, cols = is_text.nonzero(as_tuple=True)
         out = out.index_put((rows, starts[rows, cols]), text_embeds[rows, cols])
         if image_features:
@@ -828,7 +853,25 @@ class SliMEModel(SliMEPreTrainedModel):
         if labels is not None:
             new_labels = torch.full((batch, total), -100, dtype=labels.dtype, device=device)
             new_labels[rows, starts[rows, cols]] = labels[rows, cols]
-        return out, new_mask, position_ids, new_labels
+        return out, new_mask, position_ids, new_labels, truncated
+
+    @staticmethod
+    def _check_cut_outside_images(
+        unpadded_starts: torch.Tensor, is_image: torch.Tensor, image_features: list[torch.Tensor], max_length: int
+    ) -> None:
+        """Raises when a cut at `max_length` would fall inside an image block or drop one."""
+        if not image_features:
+            return
+        image_rows, image_cols = is_image.nonzero(as_tuple=True)
+        block_starts = unpadded_starts[image_rows, image_cols].tolist()
+        for index, (row, start) in enumerate(zip(image_rows.tolist(), block_starts)):
+            end = start + image_features[index].shape[0]
+            if end > max_length:
+                raise ValueError(
+                    f"row {row}: cutting the assembled sequence at training_max_length={max_length} would "
+                    f"{'fall inside' if start < max_length else 'drop'} image {index} (positions {start}-{end - 1}); "
+                    "shorten the text before the image or raise the limit"
+                )
 
     def forward(
         self,
@@ -858,7 +901,8 @@ class SliMEModel(SliMEPreTrainedModel):
             padding_side (`str`, *optional*): side of the re-padding of the assembled rows (`"left"` by default,
                 `"right"` when labels are given).
         """
-        selected, budgets, new_labels = None, None, labels
+        selected, budgets, new_labels, truncated = None, None, labels, None
+        max_length = self.config.training_max_length if labels is not None else None
         if inputs_embeds is not None:
             if input_ids is not None or pixel_values is not None:
                 raise ValueError("pass either input_ids (+ pixel_values) or inputs_embeds, not both")
@@ -867,7 +911,14 @@ class SliMEModel(SliMEPreTrainedModel):
         elif pixel_values is None:
             if bool((input_ids == self.config.image_token_id).any()):
                 raise ValueError("the prompts hold image placeholders but no pixel_values were given")
-            inputs_embeds = self.get_input_embeddings()(input_ids)
+            real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+            if max_length is not None and int(real.sum(1).max()) > max_length:
+                inputs_embeds, attention_mask, assembled_positions, new_labels, truncated = self.assemble_inputs(
+                    input_ids, attention_mask, [], labels, padding_side, max_length
+                )
+                position_ids = assembled_positions if position_ids is None else position_ids
+            else:
+                inputs_embeds = self.get_input_embeddings()(input_ids)
             if self.training and torch.is_grad_enabled():
                 inputs_embeds = inputs_embeds + self.dummy_image_anchor(input_ids, attention_mask).to(inputs_embeds.dtype)
         else:
@@ -880,11 +931,18 @@ class SliMEModel(SliMEPreTrainedModel):
                 pixel_values, image_sizes, input_ids, attention_mask, labels, router_top_p
             )
             selected, budgets = image_outputs.selected_indices, image_outputs.image_token_budget
-            inputs_embeds, attention_mask, assembled_positions, new_labels = self.assemble_inputs(
-                input_ids, attention_mask, image_outputs.image_features, labels, padding_side
+            inputs_embeds, attention_mask, assembled_positions, new_labels, truncated = self.assemble_inputs(
+                input_ids, attention_mask, image_outputs.image_features, labels, padding_side, max_length
             )
             if position_ids is None:
                 position_ids = assembled_positions
+        if max_length is None:
+            truncated = None
+        elif truncated is not None and bool(truncated.any()):
+            logger.warning_once(
+                f"training rows longer than training_max_length={max_length} assembled positions are cut at the end "
+                "(the number of positions cut per row is in outputs.truncated_positions)"
+            )
         cache = cache if cache is not None else past_key_values
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
@@ -903,6 +961,7 @@ class SliMEModel(SliMEPreTrainedModel):
             labels=new_labels,
             selected_indices=selected,
             image_token_budget=budgets,
+            truncated_positions=truncated,
         )
 
 
@@ -1002,6 +1061,7 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
             attention_mask=outputs.attention_mask,
             selected_indices=outputs.selected_indices,
             image_token_budget=outputs.image_token_budget,
+            truncated_positions=outputs.truncated_positions,
         )
 
     @torch.no_grad()
@@ -1049,7 +1109,7 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
             features = image_outputs.image_features
             self.last_image_token_budget = image_outputs.image_token_budget
             self.last_selected_indices = image_outputs.selected_indices
-        embeds, new_mask, _, _ = inner.assemble_inputs(input_ids, attention_mask, features, None, "left")
+        embeds, new_mask, _, _, _ = inner.assemble_inputs(input_ids, attention_mask, features, None, "left")
         result = super().generate(inputs_embeds=embeds, attention_mask=new_mask, **kwargs)
         if torch.is_tensor(result):
             return torch.cat([input_ids, result.to(input_ids.device)], dim=1)

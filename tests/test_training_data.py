@@ -183,40 +183,63 @@ def test_corrupt_image_is_refused_or_skipped_and_counted(tmp_path):
     assert batch["input_ids"].shape[0] == 1 and batch["pixel_values"].shape[0] == 1
 
 
-def test_truncation_cuts_text_at_the_end_never_inside_an_image():
-    answer = " ".join(["stripes"] * 300)
-    long_answer = _records(conversations=[{"from": "human", "value": "<image>\nDescribe."},
-                                          {"from": "gpt", "value": answer}])
-    full = SliMEDataset(long_answer, IMAGE_FOLDER, processor("V"), "vicuna_v1")[0]
-    # odd_337x211 has 2 local crops: its block takes at most 576 + 1 + 288 positions.
-    bound = 576 + 1 + 2 * 144
-    data = SliMEDataset(long_answer, IMAGE_FOLDER, processor("V"), "vicuna_v1", model_max_length=1000)
+LONG_ANSWER = " ".join(["stripes"] * 300)
+
+
+def test_text_longer_than_the_limit_is_cut_at_the_end():
+    """As the original's tokenizer/collator: the text alone is cut to model_max_length tokens (the model cuts the
+    assembled sequence after routing, see test_training_truncation.py)."""
+    records = [{"id": "t0", "conversations": [{"from": "human", "value": "Describe stripes."},
+                                              {"from": "gpt", "value": LONG_ANSWER}]}]
+    full = SliMEDataset(records, None, processor("V"), "vicuna_v1")[0]
+    data = SliMEDataset(records, None, processor("V"), "vicuna_v1", model_max_length=100)
     item = data[0]
-    assert len(item["input_ids"]) - 1 + bound == 1000
-    assert torch.equal(item["input_ids"], full["input_ids"][: len(item["input_ids"])])
-    assert torch.equal(item["labels"], full["labels"][: len(item["labels"])])
+    assert len(full["input_ids"]) > 100 and len(item["input_ids"]) == 100
+    assert torch.equal(item["input_ids"], full["input_ids"][:100])
+    assert torch.equal(item["labels"], full["labels"][:100])
     assert data.num_truncated == 1
-    # A limit that would cut into the image block: refused with the sample's id, or skipped and counted.
-    short = SliMEDataset(long_answer, IMAGE_FOLDER, processor("V"), "vicuna_v1", model_max_length=600)
-    with pytest.raises(ValueError, match="sample 's0'.*inside an image"):
+
+
+def _image_sample_end(budget: int) -> int:
+    """Assembled position where the image block of `_records()` ends with `budget` image positions."""
+    item = SliMEDataset(_records(), IMAGE_FOLDER, processor("V"), "vicuna_v1")[0]
+    position = int((item["input_ids"] == processor("V").image_token_id).nonzero()[0, 0])
+    return position + budget
+
+
+def test_a_sample_whose_image_could_reach_past_the_limit_is_refused():
+    # odd_337x211 has 2 local crops: with every local token kept its block takes 576 + 1 + 2 * 144 positions.
+    end = _image_sample_end(576 + 1 + 2 * 144)
+    fits = SliMEDataset(_records(), IMAGE_FOLDER, processor("V"), "vicuna_v1", model_max_length=end)
+    assert fits[0] is not None and fits.num_truncated == 0
+    short = SliMEDataset(_records(), IMAGE_FOLDER, processor("V"), "vicuna_v1", model_max_length=end - 1)
+    with pytest.raises(ValueError, match=rf"sample 's0'.*image 0 may end at assembled position {end}.*"
+                                         rf"model_max_length={end - 1}"):
         short[0]
-    skipping = SliMEDataset(long_answer, IMAGE_FOLDER, processor("V"), "vicuna_v1", model_max_length=600,
+    skipping = SliMEDataset(_records(), IMAGE_FOLDER, processor("V"), "vicuna_v1", model_max_length=end - 1,
                             skip_bad_samples=True)
     assert skipping[0] is None and skipping.num_skipped == 1
 
 
-def test_truncation_uses_the_stage_token_budget():
+def test_the_refusal_uses_the_stage_token_budget():
     from slime_hf import SliMEForConditionalGeneration
     from slime_hf.training import apply_stage_config
 
     model = SliMEForConditionalGeneration.from_pretrained(FIXTURES / "V" / "checkpoint")
     apply_stage_config(model, "1a")  # global view only: exactly 576 positions per image
-    answer = " ".join(["stripes"] * 300)
-    records = _records(conversations=[{"from": "human", "value": "<image>\nDescribe."},
-                                      {"from": "gpt", "value": answer}])
-    item = SliMEDataset(records, IMAGE_FOLDER, processor("V"), "vicuna_v1", model_max_length=800,
-                        model_config=model.config)[0]
-    assert len(item["input_ids"]) - 1 + 576 == 800
+    end = _image_sample_end(576)
+    assert SliMEDataset(_records(), IMAGE_FOLDER, processor("V"), "vicuna_v1", model_max_length=end,
+                        model_config=model.config)[0] is not None
+    with pytest.raises(ValueError, match="may end at assembled position"):
+        SliMEDataset(_records(), IMAGE_FOLDER, processor("V"), "vicuna_v1", model_max_length=end - 1,
+                     model_config=model.config)[0]
+
+
+def test_a_text_cut_that_would_remove_an_image_is_refused():
+    records = _records(conversations=[{"from": "human", "value": "Describe. " * 60 + "<image>"},
+                                      {"from": "gpt", "value": "Stripes."}])
+    with pytest.raises(ValueError, match="sample 's0'.*cut would remove an image"):
+        SliMEDataset(records, IMAGE_FOLDER, processor("V"), "vicuna_v1", model_max_length=50)[0]
 
 
 def test_jsonl_files_and_hf_datasets_are_read(tmp_path):

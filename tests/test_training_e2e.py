@@ -97,6 +97,7 @@ def test_stage_chain_1a_1b_2_3(workspace):
     unchanged = set(saved) - changed(state, saved)
     assert unchanged == {k for k in saved if k.startswith("model.vision_tower.")} | set(NEVER_TRAINED)
     assert (final.config.router_top_p, final.config.global_adapter_mode) == (0.95, "mixture")
+    assert final.config.training_max_length == 2048  # --model_max_length: the model's cut after routing
     checkpoint_config = json.loads((FIXTURES / "V" / "checkpoint" / "config.json").read_text())
     assert final.config.separator_token_id == checkpoint_config["seperator"]  # last id of tokenizer(',')
     assert not final.config.use_global_only and not final.config.use_local_only

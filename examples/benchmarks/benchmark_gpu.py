@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         with torch.no_grad():
             encode_s, _ = timed(lambda: inner.encode_views(pixel_values.flatten(0, 1)[: 7 * batch]), device)
             features_s, features = timed(lambda: inner.get_image_features(pixel_values, image_sizes, input_ids), device)
-            embeds, mask, positions, _ = inner.assemble_inputs(input_ids, None, features.image_features)
+            embeds, mask, positions, _, _ = inner.assemble_inputs(input_ids, None, features.image_features)
             prefill_s, _ = timed(lambda: model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                                                logits_to_keep=1), device)
         for mode in args.modes:

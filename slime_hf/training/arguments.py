@@ -98,7 +98,8 @@ class SliMETrainingArguments(TrainingArguments):
         adapter_lr (`float`, *optional*):
             Learning rate of the vision adapters (the original's `mm_projector_lr`); default `learning_rate`.
         model_max_length (`int`, *optional*, defaults to 2048):
-            Longest assembled training sequence (text + image tokens).
+            Longest assembled training sequence (text + image tokens after routing): longer ones are cut at the end
+            by the model (`config.training_max_length`), never inside an image (see [`SliMEDataset`]).
         group_by_modality_length (`bool`, *optional*, defaults to `False`):
             Upstream LLaVA's modality-grouped length sampler (the releases used a plain random sampler).
         lora_enable (`bool`, *optional*, defaults to `False`):

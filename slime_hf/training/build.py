@@ -241,6 +241,7 @@ def build_model_and_processor(model_args: Any, training_args: Any) -> tuple[Any,
         weights = load_adapter_weights(model_args.pretrained_adapters)
         load_adapter_weights_into(model, weights, model_args.pretrained_adapters)
     model.config.router_reads_answers = model_args.router_reads_answers
+    model.config.training_max_length = training_args.model_max_length
     model.config.gate_noise_uses_noise_weight = model_args.gate_noise_uses_noise_weight
     model.model.global_adapter.noise_uses_noise_weight = model_args.gate_noise_uses_noise_weight
     stage = get_stage(training_args.stage)

@@ -326,11 +326,11 @@ class SliMEDataset(Dataset):
         template (`str`, *optional*):
             `"plain"` (stages 1-2), `"vicuna_v1"` or `"llama3"`; defaults to the tokenizer's chat template family.
         model_max_length (`int`, *optional*, defaults to 2048):
-            Longest assembled sequence (text + image tokens). Longer samples are cut at the end; the cut is placed
-            with every image at its full token budget (`576 + 1 + 144 * crops`, or what `model_config` uses), so that
-            it never falls inside an image whatever the router keeps, and the number of targets is known before the
-            forward (exact loss normalisation under gradient accumulation). A sample whose cut would reach an image
-            is refused.
+            Longest training sequence. As in the original, the text alone is cut to this many tokens here and the
+            model cuts the assembled sequence (text + image tokens after routing) at the end to the same length
+            (`config.training_max_length`). A sample whose image block could reach past it (with every local token
+            kept: `576 + 1 + 144 * crops`, or what `model_config` uses) is refused, so the model's cut never falls
+            inside an image.
         model_config ([`SliMEConfig`], *optional*):
             The model's config (stage switches) for the image token budgets; without it the full budget is assumed.
         skip_bad_samples (`bool`, *optional*, defaults to `False`):
@@ -339,7 +339,8 @@ class SliMEDataset(Dataset):
             sample.
 
     Attributes:
-        num_truncated (`int`): samples cut at the end so far (in this process).
+        num_truncated (`int`): samples whose text was cut at the end so far (in this process); cuts of the assembled
+            sequence are counted by [`SliMETrainer`].
         num_skipped (`int`): samples skipped so far (in this process).
         num_label_fixes (`int`): samples whose labels differ from what the original's label arithmetic gives.
     """
@@ -427,26 +428,32 @@ class SliMEDataset(Dataset):
         return item
 
     def _truncate(self, ids: list[int], labels: list[int], crops: list[int], where: str) -> tuple[list, list]:
-        """Cuts a sample at the end so that its assembled sequence fits `model_max_length`, never inside an image."""
-        bounds = [image_token_bound(self.model_config, n) for n in crops]
-        assembled = len(ids) - len(bounds) + sum(bounds)
-        excess = assembled - self.model_max_length
-        if excess <= 0:
-            return ids, labels
-        keep = len(ids) - excess
+        """Applies the data side of the length limit (the model cuts the assembled sequence after routing).
+
+        As the original's collator, the text alone is cut to `model_max_length` tokens. A sample whose image block
+        could reach past `model_max_length` (every local token kept) is refused: the model's cut after routing
+        could then fall inside it.
+        """
+        limit = self.model_max_length
+        if len(ids) > limit:
+            if self.processor.image_token_id in ids[limit:]:
+                raise SampleError(f"{where}: its text alone ({len(ids)} tokens) exceeds model_max_length={limit} "
+                                  "and the cut would remove an image")
+            self.num_truncated += 1
+            _log_count("truncated", self.num_truncated,
+                       f"{where}: text truncated at the end from {len(ids)} to model_max_length={limit} tokens")
+            ids, labels = ids[:limit], labels[:limit]
         image_positions = [i for i, token in enumerate(ids) if token == self.processor.image_token_id]
-        if image_positions and image_positions[-1] >= keep:
-            raise SampleError(
-                f"{where}: its assembled sequence (up to {assembled} positions with every image at its full token "
-                f"budget) exceeds model_max_length={self.model_max_length} and the cut would fall inside an image"
-            )
-        self.num_truncated += 1
-        _log_count(
-            "truncated", self.num_truncated,
-            f"{where}: truncated at the end from {assembled} to {self.model_max_length} assembled positions "
-            f"({excess} text tokens dropped)",
-        )
-        return ids[:keep], labels[:keep]
+        bounds = [image_token_bound(self.model_config, n) for n in crops]
+        for number, position in enumerate(image_positions):
+            # The text before this image (position - number tokens), then every image block up to and including it.
+            end = position - number + sum(bounds[: number + 1])
+            if end > limit:
+                raise SampleError(
+                    f"{where}: image {number} may end at assembled position {end} (every local token kept), past "
+                    f"model_max_length={limit}: the cut after routing could fall inside it"
+                )
+        return ids, labels
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -37,6 +37,10 @@ class SliMETrainer(Trainer):
     - Loss: the model's causal-LM loss over the assembled sequence, normalised by `num_items_in_batch` (the targets
       of the whole accumulated batch, across devices), so gradient accumulation gives the same update as one big
       batch. The router's and gate's training noise follow `model.train()` / `model.eval()`.
+    - Length limit: the model cuts assembled rows longer than `model_max_length` at the end after routing (as the
+      original); each cut is logged and the running count, summed over processes, is logged as
+      `truncated_samples`. `num_items_in_batch` is counted before the forward, so targets cut after routing stay
+      in the denominator of their accumulated batch (they add nothing to the sum).
     - Sampler: the default `RandomSampler` (what the releases were trained with), or the modality-grouped length
       sampler with `group_by_modality_length`.
     - Saving: stages 1-2 write only the adapter weights (all of them, trained in this stage or carried over) as
@@ -56,6 +60,7 @@ class SliMETrainer(Trainer):
     def __init__(self, *args: Any, base_model: str | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.base_model = base_model
+        self.num_truncated_samples = 0  # training rows the model cut at the end after routing, in this process
         self.stage = get_stage(getattr(self.args, "stage", "3"))
         if is_deepspeed_zero3_enabled():
             from deepspeed.utils import set_z3_leaf_modules
@@ -89,6 +94,34 @@ class SliMETrainer(Trainer):
             )
             self.optimizer = optimizer_cls(self.parameter_groups(opt_model), **optimizer_kwargs)
         return self.optimizer
+
+    # -- loss and the assembled-length limit -------------------------------------------------------------------
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        truncated = outputs.get("truncated_positions") if isinstance(outputs, dict) else None
+        if truncated is not None and model.training and bool(truncated.any()):
+            rows = int((truncated > 0).sum())
+            self.num_truncated_samples += rows
+            logger.warning(
+                f"step {self.state.global_step}: {rows} sample(s) of this batch cut at the end after routing to "
+                f"model_max_length ({truncated.tolist()} positions per row; {self.num_truncated_samples} so far in "
+                "this process)"
+            )
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs:  # training logs, reached by every rank
+            count = torch.tensor(self.num_truncated_samples, device=self.args.device)
+            if self.args.world_size > 1:
+                count = self.accelerator.reduce(count, reduction="sum")
+            logs["truncated_samples"] = int(count)
+        super().log(logs, *args, **kwargs)
 
     # -- sampler ----------------------------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
