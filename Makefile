@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test test-deepspeed install clean
 
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -c "import torch, transformers, huggingface_hub; print('torch', torch.__version__, '| transformers', transformers.__version__, '| huggingface_hub', huggingface_hub.__version__)"
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+# Not part of `make test`: installs the optional DeepSpeed extra (pure Python; its CPU backend compiles a small op
+# with the system C++ compiler on first use) and runs the two-process ZeRO-2 / ZeRO-3 tests on the CPU.
+test-deepspeed: $(STAMP)
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install --quiet -e ".[deepspeed]"
+	DS_ACCELERATOR=cpu $(BIN)/python -m pytest tests -m deepspeed $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -554,6 +554,11 @@ class SliMEPreTrainedModel(PreTrainedModel):
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Saves weights (package names only), config with `auto_map`, and the code files for remote loading."""
         self.config.auto_map = dict(AUTO_MAP)
+        conversions = getattr(self, "_weight_conversions", None)
+        if conversions and all(hasattr(c, "was_used") for c in conversions):
+            # transformers' ZeRO-3 loading keeps every candidate conversion, the unused legacy renamings too, and
+            # reverting those would save `model.language_model.model.*` names: keep the used ones, as regular loading.
+            self._weight_conversions = [c for c in conversions if c.was_used()]
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             copy_remote_code(str(save_directory))
@@ -628,9 +633,12 @@ class SliMEModel(SliMEPreTrainedModel):
             out = tower(views.to(tower.dtype), output_hidden_states=True)
         return out.hidden_states[self.config.vision_feature_layer][:, 1:]
 
-    def _text_for_routing(self, input_ids, attention_mask, labels, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _text_for_routing(
+        self, input_ids, attention_mask, labels, row: int, row_embeds: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The text the router compares one sample's images with, laid out as the original: the sample's
-        non-image tokens embedded, then one zero row (masked) per removed image placeholder."""
+        non-image tokens embedded, then one zero row (masked) per removed image placeholder. `row_embeds`: the
+        row's tokens already embedded (one embedding call for the whole batch)."""
         ids = input_ids[row]
         real = attention_mask[row].bool() if attention_mask is not None else torch.ones_like(ids, dtype=torch.bool)
         ids = ids[real]
@@ -643,7 +651,10 @@ class SliMEModel(SliMEPreTrainedModel):
         if labels is not None and limit is not None:
             # The original cuts the router's text to the same limit (a no-op for rows the data already cut).
             text_ids, text_mask = text_ids[:limit], text_mask[:limit]
-        embeds = self.get_input_embeddings()(text_ids)
+        if row_embeds is None:
+            embeds = self.get_input_embeddings()(text_ids)
+        else:
+            embeds = row_embeds[real][~is_image][: text_ids.shape[0]]
         num_images = int(is_image.sum())
         embeds = torch.cat([embeds, embeds.new_zeros(num_images, embeds.shape[-1])])
         text_mask = torch.cat([text_mask, text_mask.new_zeros(num_images)])
@@ -716,11 +727,14 @@ class SliMEModel(SliMEPreTrainedModel):
             side = self.local_compressor.grid_size
             per_image = compressed.split(view_counts)
             text_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+            # One embedding call for every row, however many rows hold images: under ZeRO-3 each call gathers the
+            # embedding collectively, so the number of calls must not depend on the rank's batch.
+            embedded = self.get_input_embeddings()(input_ids.masked_fill(input_ids == config.image_token_id, 0))
             for index, ((rows, cols), crops) in enumerate(zip(grids, per_image)):
                 merged = crops.view(rows, cols, side, side, -1).permute(0, 2, 1, 3, 4).flatten(0, 3)
                 row = image_to_row[index]
                 if row not in text_cache:
-                    text_cache[row] = self._text_for_routing(input_ids, attention_mask, labels, row)
+                    text_cache[row] = self._text_for_routing(input_ids, attention_mask, labels, row, embedded[row])
                 text, text_mask = text_cache[row]
                 scores = self.router.scores(merged, text.to(merged.dtype), text_mask)
                 kept = self.router.select(scores.float() if scores.dtype != torch.float32 else scores, top_p)
@@ -767,6 +781,10 @@ class SliMEModel(SliMEPreTrainedModel):
         total = features.new_zeros(())
         if not self.config.use_local_only:
             total = total + self.global_adapter(features[:1], self.projector).sum()
+        if not self.config.use_local_only and not self.config.use_global_only:
+            # get_image_features embeds the separator here
+            separator_id = torch.tensor([self.config.separator_token_id], device=input_ids.device)
+            total = total + self.get_input_embeddings()(separator_id).to(dtype).sum()
         if not self.config.use_global_only:
             local = self.projector(self.local_compressor(features[1:]))[0]
             text, text_mask = self._text_for_routing(input_ids, attention_mask, None, 0)
@@ -912,6 +930,11 @@ class SliMEModel(SliMEPreTrainedModel):
             if bool((input_ids == self.config.image_token_id).any()):
                 raise ValueError("the prompts hold image placeholders but no pixel_values were given")
             real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+            anchor = None
+            if self.training and torch.is_grad_enabled():
+                # Where an image batch runs its vision path (before the token embedding): ZeRO-3 gathers parameters
+                # with collectives, so every rank must call the same modules in the same order.
+                anchor = self.dummy_image_anchor(input_ids, attention_mask)
             if max_length is not None and int(real.sum(1).max()) > max_length:
                 inputs_embeds, attention_mask, assembled_positions, new_labels, truncated = self.assemble_inputs(
                     input_ids, attention_mask, [], labels, padding_side, max_length
@@ -919,8 +942,8 @@ class SliMEModel(SliMEPreTrainedModel):
                 position_ids = assembled_positions if position_ids is None else position_ids
             else:
                 inputs_embeds = self.get_input_embeddings()(input_ids)
-            if self.training and torch.is_grad_enabled():
-                inputs_embeds = inputs_embeds + self.dummy_image_anchor(input_ids, attention_mask).to(inputs_embeds.dtype)
+            if anchor is not None:
+                inputs_embeds = inputs_embeds + anchor.to(inputs_embeds.dtype)
         else:
             real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
             num_placeholders = int(((input_ids == self.config.image_token_id) & real).sum())

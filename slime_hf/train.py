@@ -9,6 +9,7 @@ FSDP, bf16, gradient checkpointing, resuming, ...). Recipes: `examples/train/REA
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import sys
 from collections.abc import Sequence
@@ -26,6 +27,17 @@ from .training.trainer import SliMETrainer
 
 
 logger = logging.get_logger("slime_hf.train")
+
+
+def configure_logging(level: int) -> None:
+    """The run's log level for transformers and for this package (whose loggers get a stderr handler)."""
+    logging.set_verbosity(level)
+    package_logger = std_logging.getLogger("slime_hf")
+    package_logger.setLevel(level)
+    if not package_logger.handlers:
+        handler = std_logging.StreamHandler()
+        handler.setFormatter(std_logging.Formatter("[slime_hf] %(message)s"))
+        package_logger.addHandler(handler)
 
 
 def parse_args(
@@ -78,7 +90,14 @@ def main(argv: Sequence[str] | None = None, callbacks: list | None = None) -> Sl
         [`SliMETrainer`]: the trainer after training (its `state.log_history` holds the losses).
     """
     model_args, data_args, training_args = parse_args(argv)
-    logging.set_verbosity(training_args.get_process_log_level())
+    configure_logging(training_args.get_process_log_level())
+    if training_args.deepspeed and training_args.world_size > 1:
+        import deepspeed
+
+        # accelerate initialises deepspeed.comm only off the CPU; ZeRO-3's partitioned model construction (below,
+        # before the Trainer) reads its world size from there.
+        if not deepspeed.comm.is_initialized():
+            deepspeed.init_distributed()
     # Seeded before the model is built, so that freshly initialised adapters are reproducible.
     set_seed(training_args.seed)
     model, processor = build_model_and_processor(model_args, training_args)
@@ -107,6 +126,10 @@ def main(argv: Sequence[str] | None = None, callbacks: list | None = None) -> Sl
         callbacks=callbacks,
         base_model=model_args.model_name_or_path,
     )
+    engine = str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1]
+    if trainer.is_deepspeed_enabled:
+        engine += f" ZeRO-{trainer.accelerator.state.deepspeed_plugin.zero_stage}"
+    logger.info(f"distributed setup: {engine} over {training_args.world_size} process(es)")
     trainer.train(resume_from_checkpoint=_resume_target(training_args))
     trainer.save_model()
     trainer.save_state()

@@ -156,9 +156,9 @@ def test_mixed_batch_reproduces_every_row(model_and_variant):
     routed_rows = []
     original = model.model._text_for_routing
 
-    def recording(input_ids_, attention_mask_, labels_, row):
+    def recording(input_ids_, attention_mask_, labels_, row, *rest):
         routed_rows.append(row)
-        return original(input_ids_, attention_mask_, labels_, row)
+        return original(input_ids_, attention_mask_, labels_, row, *rest)
 
     model.model._text_for_routing = recording
     try:

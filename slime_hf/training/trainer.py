@@ -7,10 +7,8 @@ from typing import Any
 
 import torch
 from transformers import Trainer
-from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.utils import logging
 
-from ..modeling_slime import SliMEGlobalAdapter, SliMEProjector, SliMEResampler
 from .build import load_adapter_weights_into
 from .sampler import ModalityLengthGroupedSampler
 from .stages import ADAPTER_MODULES, get_stage, is_adapter_parameter, package_parameter_name
@@ -20,8 +18,6 @@ logger = logging.get_logger(__name__)
 
 NON_LORA_TRAINABLES_NAME = "non_lora_trainables.safetensors"
 TRAINING_ARGS_NAME = "training_args.bin"
-# Declared as ZeRO-3 leaf modules: each gathers all of its parameters at once and runs without per-submodule hooks.
-ZERO3_LEAF_MODULES = (SliMEGlobalAdapter, SliMEResampler, SliMEProjector)
 
 
 def _unwrap_peft(model: Any) -> Any:
@@ -48,9 +44,11 @@ class SliMETrainer(Trainer):
       full state dicts); stage 3 writes a full `save_pretrained` folder with the processor and a model card; with
       LoRA, `adapter_model.safetensors` + `non_lora_trainables.safetensors` (package names) + config and processor.
       `resume_from_checkpoint` restores weights, optimizer, scheduler, RNG and data position.
-    - DeepSpeed ZeRO-3: the global adapter, the resamplers and the projector are declared leaf modules (each gathers
-      its parameters at once); with the model's dummy image for batches without images, every rank runs the same
-      modules on every step.
+    - DeepSpeed ZeRO-3: every rank calls the same modules in the same order on every step (a batch without images
+      runs the model's dummy image where an image batch runs its vision path, and the router embeds the whole batch
+      in one call), so the collective parameter gathers match across ranks. The adapters are not declared ZeRO-3
+      leaf modules: their inputs come from the frozen vision tower without autograd, so a leaf module's backward
+      hook would fire before its weight gradients exist, and the projector runs more than once per forward.
 
     Args:
         base_model (`str`, *optional*): what training started from, for the model card of stage 3.
@@ -62,10 +60,6 @@ class SliMETrainer(Trainer):
         self.base_model = base_model
         self.num_truncated_samples = 0  # training rows the model cut at the end after routing, in this process
         self.stage = get_stage(getattr(self.args, "stage", "3"))
-        if is_deepspeed_zero3_enabled():
-            from deepspeed.utils import set_z3_leaf_modules
-
-            set_z3_leaf_modules(_unwrap_peft(self.model), list(ZERO3_LEAF_MODULES))
 
     # -- optimizer --------------------------------------------------------------------------------------------------
     def parameter_groups(self, model: torch.nn.Module) -> list[dict]:
