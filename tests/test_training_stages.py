@@ -173,6 +173,40 @@ def test_text_only_training_batch_reaches_every_trained_module(models):
     model.eval()
 
 
+def module_call_order(model, batch: dict) -> list[str]:
+    """The modules that own parameters, in the order a training forward calls them (what ZeRO-3 gathers)."""
+    calls, handles = [], []
+    for name, module in model.named_modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            handles.append(module.register_forward_pre_hook(lambda m, args, name=name: calls.append(name)))
+    try:
+        model(**batch).loss.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.zero_grad(set_to_none=True)
+    return calls
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_every_batch_calls_the_same_modules_in_the_same_order(models, stage):
+    """Ranks of a ZeRO-3 run gather each module's parameters collectively when it is called: a text-only batch, a
+    batch with one image row and a batch with two image rows must call the same modules in the same order."""
+    processor = SliMEProcessor.from_pretrained(FIXTURES / "V" / "checkpoint")
+    data = SliMEDataset(json.loads((FIXTURES / "V" / "training" / "sft_samples.json").read_text())["samples"],
+                        IMAGE_FOLDER, processor, "vicuna_v1")
+    collate = SliMEDataCollator(processor)
+    text_only, one_image, two_images = collate([data[2]]), collate([data[0], data[2]]), collate([data[0], data[1]])
+    assert "pixel_values" not in text_only and two_images["pixel_values"].shape[0] == 2
+    model = stage_model(models, "V", stage).train()
+    try:
+        orders = [module_call_order(model, batch) for batch in (text_only, one_image, two_images)]
+    finally:
+        model.eval()
+    assert orders[0] == orders[1] == orders[2]
+    assert any(name.startswith("model.vision_tower.") for name in orders[0])
+
+
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     """num_items_in_batch normalisation: 2 micro-batches of 1 accumulated == 1 batch of 2 (stage 1a: no noise; the
     two captions have different target counts, so a per-micro-batch mean would differ)."""
