@@ -107,3 +107,31 @@ def test_zero3_stage_3_with_a_text_only_rank_saves_a_loadable_model(workspace):
     assert max_difference(a, b) <= 1e-6
     model = SliMEForConditionalGeneration.from_pretrained(zero3, dtype=torch.float32)
     assert model.config.training_max_length == 2048
+
+
+def test_zero3_lora_stage_3_saves_the_same_adapters_as_one_process(workspace):
+    """LoRA on the language model of a release in the authors' layout, the vision adapters trained fully (LoRA
+    dropout off: one process drawing masks for a batch of two cannot match two processes drawing for one each)."""
+    lora = ["--lora_enable", "true", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0", "--adapter_lr",
+            "1e-3"]
+    single, expected = run(workspace, "single_lora", stage_3(workspace) + lora, None, optim="sgd", max_steps=2)
+    zero3, actual = run(workspace, "zero3_lora", stage_3(workspace) + lora, 3, optim="sgd", max_steps=2)
+    assert max(abs(a - b) for a, b in zip(expected, actual)) <= 1e-5
+    for name in ("adapter_model.safetensors", "non_lora_trainables.safetensors"):
+        a, b = load_file(str(single / name)), load_file(str(zero3 / name))
+        assert a and all(t.numel() > 0 for t in b.values())
+        assert max_difference(a, b) <= 1e-6, name
+
+
+def test_zero2_run_continues_from_its_checkpoint_to_the_same_weights(workspace):
+    """A run stopped after its checkpoint at step 2 continues (DeepSpeed engine state + adapters, scheduler, RNG,
+    data position) to the weights of an uninterrupted run."""
+    options = {"save_strategy": "steps", "save_steps": 2, "lr_scheduler_type": "constant"}
+    full, expected = run(workspace, "zero2_full", stage_1a(workspace), 2, max_steps=4, **options)
+    stopped, _ = run(workspace, "zero2_stopped", stage_1a(workspace), 2, max_steps=2, **options)
+    assert (stopped / "checkpoint-2" / "slime_adapters.safetensors").is_file()
+    _, continued = run(workspace, "zero2_stopped", stage_1a(workspace), 2, max_steps=4,
+                       resume_from_checkpoint=str(stopped / "checkpoint-2"), **options)
+    assert continued == expected
+    a, b = load_file(str(full / "slime_adapters.safetensors")), load_file(str(stopped / "slime_adapters.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

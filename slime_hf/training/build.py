@@ -198,6 +198,9 @@ def wrap_with_lora(model: SliMEForConditionalGeneration, args: Any) -> Any:
         target_modules=lora_target_modules(model, args.lora_target_module_names),
         bias="none",
     )
+    # The LoRA matrices are drawn from the seed itself, not from whatever building the model left in the RNG (a
+    # ZeRO-3 build draws differently from an unpartitioned one); the Trainer seeds again before training.
+    torch.manual_seed(args.seed)
     peft_model = get_peft_model(model, config)
     for name, parameter in peft_model.named_parameters():
         # Trained weights in float32 when the model is loaded in half precision, as peft does for LoRA's own.
