@@ -43,12 +43,12 @@ def cpu_accelerator(monkeypatch):
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
 
 
-def stage_1a(workspace) -> list[str]:
-    # Starting from given adapters: ZeRO-3 builds the model partitioned, and freshly initialised adapters draw
-    # their random values in another order than an unpartitioned build.
+def stage_1a(workspace, fresh: bool = False) -> list[str]:
+    """Stage 1a from the base LLM, with freshly initialised adapters or the fixture's."""
+    given = [] if fresh else ["--pretrained_adapters", str(FIXTURES / "V" / "adapters")]
     return ["--stage", "1a", "--model_name_or_path", str(workspace / "base_V"), "--vision_tower",
-            str(FIXTURES / "V" / "clip"), "--pretrained_adapters", str(FIXTURES / "V" / "adapters"),
-            "--data_path", str(workspace / "plain4.json"), "--image_folder", str(IMAGE_FOLDER)]
+            str(FIXTURES / "V" / "clip"), *given, "--data_path", str(workspace / "plain4.json"), "--image_folder",
+            str(IMAGE_FOLDER)]
 
 
 def stage_3(workspace) -> list[str]:
@@ -84,9 +84,12 @@ def test_zero2_stage_1a_equals_one_process_with_twice_the_batch(workspace):
     assert max_difference(load_file(str(single / adapters)), load_file(str(zero2 / adapters))) <= 1e-5
 
 
-def test_zero3_stage_1a_saves_gathered_adapters_equal_to_one_process(workspace):
-    single, expected = run(workspace, "single_1a_sgd", stage_1a(workspace), None, optim="sgd")
-    zero3, actual = run(workspace, "zero3_1a_sgd", stage_1a(workspace), 3, optim="sgd")
+@pytest.mark.parametrize("fresh", [False, True], ids=["given_adapters", "fresh_adapters"])
+def test_zero3_stage_1a_saves_gathered_adapters_equal_to_one_process(workspace, fresh):
+    """Given adapters are loaded into the partitioned model; fresh ones are drawn from the seed alone, so the
+    partitioned build starts where the unpartitioned one does."""
+    single, expected = run(workspace, f"single_1a_sgd_{fresh}", stage_1a(workspace, fresh), None, optim="sgd")
+    zero3, actual = run(workspace, f"zero3_1a_sgd_{fresh}", stage_1a(workspace, fresh), 3, optim="sgd")
     assert max(abs(a - b) for a, b in zip(expected, actual)) <= 1e-5
     adapters = "slime_adapters.safetensors"
     a, b = load_file(str(single / adapters)), load_file(str(zero3 / adapters))

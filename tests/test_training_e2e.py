@@ -11,7 +11,6 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import set_seed
 
 from conftest import FIXTURES, PROJECT_ROOT
 from slime_hf import SliMEForConditionalGeneration
@@ -73,8 +72,7 @@ def test_stage_chain_1a_1b_2_3(workspace):
         previous = outputs[stage]
 
     # Stage 1a started from the seeded initialisation: rebuild it to compare.
-    set_seed(SEED)
-    initial, _ = build_from_text_model(str(base), str(clip))
+    initial, _ = build_from_text_model(str(base), str(clip), seed=SEED)
     state = {k: v.clone() for k, v in initial.state_dict().items()}
     before = adapters_of(state)
     expected = {
@@ -124,6 +122,20 @@ def test_stage_chain_1a_1b_2_3(workspace):
     assert result.returncode == 0, result.stderr[-3000:]
     module, new_tokens = result.stdout.split()[-2:]
     assert module.startswith("transformers_modules.") and int(new_tokens) == 6
+
+
+def test_fresh_adapters_depend_on_the_seed_only(workspace):
+    """What building the model draws from the RNG before (a ZeRO-3 build draws differently from an unpartitioned
+    one) does not change the adapters' initial values."""
+    base, clip = str(workspace / "base_V"), str(FIXTURES / "V" / "clip")
+    first, _ = build_from_text_model(base, clip, seed=3)
+    torch.manual_seed(11)
+    torch.randn(1000)
+    second, _ = build_from_text_model(base, clip, seed=3)
+    a, b = adapters_of(first.state_dict()), adapters_of(second.state_dict())
+    assert a and set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    other, _ = build_from_text_model(base, clip, seed=4)
+    assert not torch.equal(a["model.projector.linear_1.weight"], other.state_dict()["model.projector.linear_1.weight"])
 
 
 def test_llama3_variant_stage_1a_then_3(workspace):

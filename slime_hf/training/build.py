@@ -72,16 +72,42 @@ def _whole_tensors(deepspeed_config: Any | None) -> Iterator[None]:
         set_hf_deepspeed_config(deepspeed_config)
 
 
+def initialise_adapters(model: SliMEForConditionalGeneration, seed: int) -> None:
+    """
+    Draws the vision adapters' initial values from `seed` alone, in a fixed order, whatever building the model drew
+    before (a ZeRO-3 build creates and initialises partitioned tensors, an unpartitioned one does not), so the same
+    seed gives the same start with and without ZeRO-3.
+    """
+    inner = model.model
+    modules = [getattr(inner, name) for name in ADAPTER_MODULES]
+    parameters = [p for module in modules for p in module.parameters()]
+    for parameter in parameters:
+        parameter._is_hf_initialized = False  # transformers' init functions skip flagged tensors
+    context = contextlib.nullcontext()
+    if any(hasattr(p, "ds_id") for p in parameters):
+        import deepspeed
+
+        context = deepspeed.zero.GatheredParameters(parameters, modifier_rank=0)
+    with context, torch.no_grad():
+        torch.manual_seed(seed)
+        for module in modules:
+            for submodule in module.modules():
+                model._init_weights(submodule)
+    for parameter in parameters:
+        parameter._is_hf_initialized = True
+
+
 def build_from_text_model(
     model_name_or_path: str,
     vision_tower: str,
     dtype: str = "float32",
     attn_implementation: str | None = None,
     deepspeed_config: Any | None = None,
+    seed: int | None = None,
 ) -> tuple[SliMEForConditionalGeneration, SliMEProcessor]:
     """
     A new SliME model from a text LLM (any `AutoModelForCausalLM`) and a CLIP vision tower; the adapters are freshly
-    initialised (seed first for a reproducible start).
+    initialised (from `seed` when given, see [`initialise_adapters`]; else from the current random state).
 
     Args:
         model_name_or_path (`str`): the text LLM (folder or Hub id), with its tokenizer.
@@ -91,6 +117,7 @@ def build_from_text_model(
         deepspeed_config (`HfTrainerDeepSpeedConfig`, *optional*): the run's DeepSpeed config
             (`training_args.hf_deepspeed_config`); under ZeRO-3 the parts are read whole and the SliME model is
             built partitioned.
+        seed (`int`, *optional*): draw the adapters' initial values from this seed alone.
 
     Returns:
         `(model, processor)`.
@@ -133,6 +160,8 @@ def build_from_text_model(
         model = SliMEForConditionalGeneration.from_pretrained(None, config=config, state_dict=state_dict, **load_kwargs)
     finally:
         logging.set_verbosity(verbosity)
+    if seed is not None:
+        initialise_adapters(model, seed)
     fresh = [k for k in model.state_dict() if k not in state_dict]
     logger.info(f"built SliME from {model_name_or_path} + {vision_tower}; {len(fresh)} adapter tensors initialised")
     model.name_or_path = model_name_or_path
@@ -236,7 +265,7 @@ def build_model_and_processor(model_args: Any, training_args: Any) -> tuple[Any,
             )
         model, processor = build_from_text_model(
             path, model_args.vision_tower, model_args.dtype, model_args.attn_implementation,
-            deepspeed_config=getattr(training_args, "hf_deepspeed_config", None),
+            deepspeed_config=getattr(training_args, "hf_deepspeed_config", None), seed=training_args.seed,
         )
     if model_args.pretrained_adapters:
         from ..checkpoints import load_adapter_weights
@@ -258,6 +287,7 @@ def build_model_and_processor(model_args: Any, training_args: Any) -> tuple[Any,
 __all__ = [
     "build_from_text_model",
     "build_model_and_processor",
+    "initialise_adapters",
     "is_slime_checkpoint",
     "load_adapter_weights_into",
     "lora_target_modules",
