@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import FIXTURES, PROJECT_ROOT
-from training_helpers import IMAGE_FOLDER, common_cli_args, make_base_llm, run_train_cli
+from training_helpers import IMAGE_FOLDER, common_cli_args, make_two_process_workspace, run_train_cli
 
 
 pytest.importorskip("deepspeed")
@@ -29,13 +29,7 @@ CONFIGS = PROJECT_ROOT / "examples" / "train"
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("deepspeed")
-    make_base_llm("V", root / "base_V")
-    plain = json.loads((FIXTURES / "V" / "training" / "plain_samples.json").read_text())["samples"]
-    (root / "plain4.json").write_text(json.dumps(plain + [dict(plain[0], id="plain-3")]))
-    sft = json.loads((FIXTURES / "V" / "training" / "sft_samples.json").read_text())["samples"]
-    (root / "sft2.json").write_text(json.dumps([sft[0], sft[2]]))  # an image sample and a text-only one
-    return root
+    return make_two_process_workspace(tmp_path_factory.mktemp("deepspeed"))
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import FIXTURES, PROJECT_ROOT
-from training_helpers import IMAGE_FOLDER, common_cli_args, make_base_llm, run_train_cli
+from training_helpers import IMAGE_FOLDER, common_cli_args, make_two_process_workspace, run_train_cli
 
 
 pytestmark = pytest.mark.slow
@@ -25,13 +25,7 @@ SEED = 7
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("distributed")
-    make_base_llm("V", root / "base_V")
-    samples = json.loads((FIXTURES / "V" / "training" / "plain_samples.json").read_text())["samples"]
-    (root / "plain4.json").write_text(json.dumps(samples + [dict(samples[0], id="plain-3")]))
-    sft = json.loads((FIXTURES / "V" / "training" / "sft_samples.json").read_text())["samples"]
-    (root / "sft2.json").write_text(json.dumps([sft[0], sft[2]]))  # an image sample and a text-only one
-    return root
+    return make_two_process_workspace(tmp_path_factory.mktemp("distributed"))
 
 
 def stage_1a_args(workspace) -> list[str]:

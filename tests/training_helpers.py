@@ -34,6 +34,17 @@ def make_base_llm(variant: str, folder: Path) -> Path:
     return folder
 
 
+def make_two_process_workspace(root: Path) -> Path:
+    """The V base LLM plus `plain4.json` (four captions: two per rank) and `sft2.json` (an image sample and a
+    text-only one: one per rank) for the two-process tests."""
+    make_base_llm("V", root / "base_V")
+    plain = json.loads((FIXTURES / "V" / "training" / "plain_samples.json").read_text())["samples"]
+    (root / "plain4.json").write_text(json.dumps(plain + [dict(plain[0], id="plain-3")]))
+    sft = json.loads((FIXTURES / "V" / "training" / "sft_samples.json").read_text())["samples"]
+    (root / "sft2.json").write_text(json.dumps([sft[0], sft[2]]))
+    return root
+
+
 def write_samples(variant: str, kind: str, path: Path) -> Path:
     """The golden `{kind}_samples.json` samples (LLaVA format) as a training file."""
     samples = json.loads((FIXTURES / variant / "training" / f"{kind}_samples.json").read_text())["samples"]
