@@ -4,6 +4,7 @@ code, and the walkthrough figure draws the slicing grid and the kept tokens wher
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -321,3 +322,23 @@ def test_bad_command_line_input_is_one_line_without_traceback(script, args, mess
     assert message in result.stderr
     errors = [line for line in result.stderr.splitlines() if "error" in line]
     assert len(errors) == 1, result.stderr
+
+
+@pytest.mark.parametrize("script, args, header, rate_column", [
+    ("benchmark_gpu.py", ["--batches", "1", "--modes", "dynamic", "--new-tokens", "4"],
+     "| batch | cache | processor PIL / torch ms |", 8),
+    ("benchmark_training_gpu.py", ["--batch", "2", "--steps", "1", "--text-length", "64"],
+     "| training | gradient checkpointing | assembled length |", 6),
+])
+def test_gpu_benchmarks_run_at_tiny_shapes_on_the_cpu(script, args, header, rate_column):
+    """The GPU benchmark scripts (run on a GPU machine at full size) print their table at tiny shapes anywhere."""
+    result = subprocess.run([sys.executable, str(EXAMPLES / "benchmarks" / script), "--tiny", "--device", "cpu",
+                             "--dtype", "float32", *args], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = result.stdout[result.stdout.index(header):].splitlines()
+    rows = [line.split("|") for line in table[2:] if line.startswith("| ") and "reference" not in line]
+    assert rows and all(float(row[rate_column]) > 0 for row in rows)  # decode tokens/s, training samples/s
+    if script == "benchmark_training_gpu.py":
+        assert [row[2].strip() for row in rows] == ["off", "on", "off", "on"]
+        assert all(int(row[3]) > 64 + 576 for row in rows)  # text + the image's global and kept local tokens

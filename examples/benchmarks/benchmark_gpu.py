@@ -114,11 +114,17 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def benchmark_parser(description: str) -> argparse.ArgumentParser:
+    """The options every GPU benchmark takes: device, dtype and tiny shapes."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (a smoke run on any machine)")
+    return parser
+
+
+def main() -> None:
+    parser = benchmark_parser(__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--modes", nargs="+", default=["dynamic", "static+compile"],
                         choices=("dynamic", "static+compile"))
