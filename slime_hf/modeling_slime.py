@@ -669,6 +669,7 @@ class SliMEModel(SliMEPreTrainedModel):
         labels: torch.LongTensor | None = None,
         router_top_p: float | None = None,
         image_to_row: list[int] | None = None,
+        token_embeds: torch.FloatTensor | None = None,
     ) -> SliMEImageFeatures:
         """Runs the vision path for every image of the batch.
 
@@ -682,6 +683,8 @@ class SliMEModel(SliMEPreTrainedModel):
             router_top_p (`float`, *optional*): overrides `config.router_top_p` for this call.
             image_to_row (`list[int]`, *optional*): the sample (row) of each image; derived from the image tokens
                 of `input_ids` when omitted.
+            token_embeds (`torch.FloatTensor` of shape `(batch, length, hidden)`, *optional*): `input_ids` already
+                embedded (see [`~SliMEModel.embed_tokens`]), so the router does not embed them again.
         """
         config = self.config
         sizes = self._check_image_inputs(pixel_values, image_sizes)
@@ -718,8 +721,7 @@ class SliMEModel(SliMEPreTrainedModel):
 
         separator = None
         if use_global and use_local:
-            separator_id = torch.tensor([config.separator_token_id], device=pixel_values.device)
-            separator = self.get_input_embeddings()(separator_id).to(adapter_dtype)
+            separator = self.separator_embedding(pixel_values.device).to(adapter_dtype)
 
         local_tokens, scores_list, kept_list, blocks, budgets = [], [], [], [], []
         if use_local:
@@ -727,9 +729,7 @@ class SliMEModel(SliMEPreTrainedModel):
             side = self.local_compressor.grid_size
             per_image = compressed.split(view_counts)
             text_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-            # One embedding call for every row, however many rows hold images: under ZeRO-3 each call gathers the
-            # embedding collectively, so the number of calls must not depend on the rank's batch.
-            embedded = self.get_input_embeddings()(input_ids.masked_fill(input_ids == config.image_token_id, 0))
+            embedded = token_embeds if token_embeds is not None else self.embed_tokens(input_ids)
             for index, ((rows, cols), crops) in enumerate(zip(grids, per_image)):
                 merged = crops.view(rows, cols, side, side, -1).permute(0, 2, 1, 3, 4).flatten(0, 3)
                 row = image_to_row[index]
@@ -767,7 +767,21 @@ class SliMEModel(SliMEPreTrainedModel):
             global_tokens=global_tokens if use_global else None,
         )
 
-    def dummy_image_anchor(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def embed_tokens(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """Token embeddings of `input_ids`, image tokens embedded as id 0 (their positions take image features).
+
+        `forward` calls it once and shares the result between the router and the assembly: under ZeRO-3 each call
+        gathers the embedding matrix collectively, so every rank makes the same single call whatever its batch holds.
+        """
+        return self.get_input_embeddings()(input_ids.masked_fill(input_ids == self.config.image_token_id, 0))
+
+    def separator_embedding(self, device: torch.device) -> torch.Tensor:
+        """`(1, hidden)`: the embedding of the token between the global and the kept local tokens."""
+        return self.get_input_embeddings()(torch.tensor([self.config.separator_token_id], device=device))
+
+    def dummy_image_anchor(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, token_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """A zero that depends on every vision module the config uses (for training batches without images).
 
         A training batch without images runs one black dummy image (one global view, one local crop) through the
@@ -782,12 +796,11 @@ class SliMEModel(SliMEPreTrainedModel):
         if not self.config.use_local_only:
             total = total + self.global_adapter(features[:1], self.projector).sum()
         if not self.config.use_local_only and not self.config.use_global_only:
-            # get_image_features embeds the separator here
-            separator_id = torch.tensor([self.config.separator_token_id], device=input_ids.device)
-            total = total + self.get_input_embeddings()(separator_id).to(dtype).sum()
+            total = total + self.separator_embedding(input_ids.device).to(dtype).sum()  # where the image path has it
         if not self.config.use_global_only:
             local = self.projector(self.local_compressor(features[1:]))[0]
-            text, text_mask = self._text_for_routing(input_ids, attention_mask, None, 0)
+            row_embeds = None if token_embeds is None else token_embeds[0]
+            text, text_mask = self._text_for_routing(input_ids, attention_mask, None, 0, row_embeds)
             kept = self.router.select(self.router.scores(local, text.to(local.dtype), text_mask).float(), 1.0)
             total = total + local[kept].sum()
         return total * 0.0
@@ -807,12 +820,15 @@ class SliMEModel(SliMEPreTrainedModel):
         labels: torch.LongTensor | None = None,
         padding_side: str | None = None,
         max_length: int | None = None,
+        token_embeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Splices each image's token block at its image token and compacts every row: padding and dropped
         tokens never reach the LLM; rows are re-padded (left for generation, right when `labels` are given).
 
         With `max_length` (training), a row longer than it is cut at the end, as the original does after splicing;
         a cut that would fall inside an image block, or drop one, raises a `ValueError` naming the row and image.
+
+        `token_embeds`: `input_ids` already embedded ([`~SliMEModel.embed_tokens`]).
 
         Returns `(inputs_embeds, attention_mask, position_ids, labels, truncated_positions)` of the assembled
         sequence; `truncated_positions` `(batch,)` counts the positions cut from each row.
@@ -826,8 +842,7 @@ class SliMEModel(SliMEPreTrainedModel):
         if int(is_image.sum()) != len(image_features):
             raise ValueError(f"the prompts hold {int(is_image.sum())} image placeholders but {len(image_features)} "
                              "images were given")
-        embed = self.get_input_embeddings()
-        text_embeds = embed(input_ids.masked_fill(is_image, 0))
+        text_embeds = token_embeds if token_embeds is not None else self.embed_tokens(input_ids)
         dtype = text_embeds.dtype
 
         # Every real token occupies one position, an image token the length of its block.
@@ -930,18 +945,18 @@ class SliMEModel(SliMEPreTrainedModel):
             if bool((input_ids == self.config.image_token_id).any()):
                 raise ValueError("the prompts hold image placeholders but no pixel_values were given")
             real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+            # The same calls as an image batch, in the same order (ZeRO-3 gathers each module's parameters
+            # collectively): the token embedding once, then the vision path (here the dummy image).
+            token_embeds = self.embed_tokens(input_ids)
             anchor = None
             if self.training and torch.is_grad_enabled():
-                # Where an image batch runs its vision path (before the token embedding): ZeRO-3 gathers parameters
-                # with collectives, so every rank must call the same modules in the same order.
-                anchor = self.dummy_image_anchor(input_ids, attention_mask)
+                anchor = self.dummy_image_anchor(input_ids, attention_mask, token_embeds)
+            inputs_embeds = token_embeds
             if max_length is not None and int(real.sum(1).max()) > max_length:
                 inputs_embeds, attention_mask, assembled_positions, new_labels, truncated = self.assemble_inputs(
-                    input_ids, attention_mask, [], labels, padding_side, max_length
+                    input_ids, attention_mask, [], labels, padding_side, max_length, token_embeds
                 )
                 position_ids = assembled_positions if position_ids is None else position_ids
-            else:
-                inputs_embeds = self.get_input_embeddings()(input_ids)
             if anchor is not None:
                 inputs_embeds = inputs_embeds + anchor.to(inputs_embeds.dtype)
         else:
@@ -950,12 +965,14 @@ class SliMEModel(SliMEPreTrainedModel):
             if num_placeholders != pixel_values.shape[0]:
                 raise ValueError(f"the prompts hold {num_placeholders} image placeholders but "
                                  f"{pixel_values.shape[0]} images were given (pixel_values)")
+            token_embeds = self.embed_tokens(input_ids)  # one lookup, for the router and the assembly
             image_outputs = self.get_image_features(
-                pixel_values, image_sizes, input_ids, attention_mask, labels, router_top_p
+                pixel_values, image_sizes, input_ids, attention_mask, labels, router_top_p, token_embeds=token_embeds
             )
             selected, budgets = image_outputs.selected_indices, image_outputs.image_token_budget
             inputs_embeds, attention_mask, assembled_positions, new_labels, truncated = self.assemble_inputs(
-                input_ids, attention_mask, image_outputs.image_features, labels, padding_side, max_length
+                input_ids, attention_mask, image_outputs.image_features, labels, padding_side, max_length,
+                token_embeds,
             )
             if position_ids is None:
                 position_ids = assembled_positions
@@ -1125,14 +1142,17 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
             raise ValueError(f"the prompts hold {num_placeholders} image placeholders but {num_images} images were "
                              "given (pixel_values)")
         features = []
+        token_embeds = inner.embed_tokens(input_ids)
         if num_images:
             image_outputs = inner.get_image_features(
-                pixel_values, image_sizes, input_ids, attention_mask, None, router_top_p
+                pixel_values, image_sizes, input_ids, attention_mask, None, router_top_p, token_embeds=token_embeds
             )
             features = image_outputs.image_features
             self.last_image_token_budget = image_outputs.image_token_budget
             self.last_selected_indices = image_outputs.selected_indices
-        embeds, new_mask, _, _, _ = inner.assemble_inputs(input_ids, attention_mask, features, None, "left")
+        embeds, new_mask, _, _, _ = inner.assemble_inputs(
+            input_ids, attention_mask, features, None, "left", token_embeds=token_embeds
+        )
         result = super().generate(inputs_embeds=embeds, attention_mask=new_mask, **kwargs)
         if torch.is_tensor(result):
             return torch.cat([input_ids, result.to(input_ids.device)], dim=1)
