@@ -45,8 +45,8 @@ class SliMETrainer(Trainer):
       LoRA, `adapter_model.safetensors` + `non_lora_trainables.safetensors` (package names) + config and processor.
       `resume_from_checkpoint` restores weights, optimizer, scheduler, RNG and data position.
     - DeepSpeed ZeRO-3: every rank calls the same modules in the same order on every step (a batch without images
-      runs the model's dummy image where an image batch runs its vision path, and the router embeds the whole batch
-      in one call), so the collective parameter gathers match across ranks. The adapters are not declared ZeRO-3
+      runs the model's dummy image where an image batch runs its vision path, and the token embedding is looked up
+      once per forward), so the collective parameter gathers match across ranks. The adapters are not declared ZeRO-3
       leaf modules: their inputs come from the frozen vision tower without autograd, so a leaf module's backward
       hook would fire before its weight gradients exist, and the projector runs more than once per forward.
 
