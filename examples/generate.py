@@ -55,10 +55,10 @@ def generate(args: argparse.Namespace) -> None:
         for batch in batches(images, args.batch_size):
             # One prompt per image; the processor pads them on the left, as generation needs.
             inputs = processor(images=[str(path) for path in batch], text=[prompt] * len(batch)).to(args.device)
-            out = model.generate(**inputs, **generation_kwargs(args))
-            answers = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            out = model.generate(**inputs, **generation_kwargs(args), return_dict_in_generate=True)
+            answers = processor.batch_decode(out.sequences[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
             for path, size, answer, budget in zip(
-                batch, inputs["image_sizes"].tolist(), answers, model.last_image_token_budget
+                batch, inputs["image_sizes"].tolist(), answers, out.image_token_budget
             ):
                 record = {
                     "image": str(path),

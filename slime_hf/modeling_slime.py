@@ -17,7 +17,7 @@ from torch import nn
 
 from transformers import AutoModel, CLIPVisionConfig, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.utils import ModelOutput, logging
 
 from .configuration_slime import CLIP_VIT_L_336, SliMEConfig
@@ -433,6 +433,16 @@ def _cache_argument_name(module: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
+def _cache_kwarg_renamed(forward):
+    """Where the installed transformers renamed `past_key_values` to `cache` (5.25), accept the old name with the
+    same deprecation warning as its in-tree models; elsewhere the forward takes both names as they are."""
+    if "cache" not in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters:
+        return forward
+    from transformers.utils.deprecation import deprecate_kwarg
+
+    return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
+
+
 def _cache_output(outputs) -> dict:
     """The KV cache of a text model's output under the field name this transformers version uses."""
     if "cache" in getattr(outputs, "__dataclass_fields__", {}):
@@ -443,33 +453,84 @@ def _cache_output(outputs) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # Outputs
 # ----------------------------------------------------------------------------------------------------------------
+# transformers >= 5.25 gives multimodal outputs an `image_outputs` field; older versions have the plain text outputs.
+try:
+    from transformers.modeling_outputs import MultimodalBaseModelOutputWithPast as _BaseOutputWithPast
+    from transformers.modeling_outputs import MultimodalCausalLMOutputWithPast as _CausalLMOutputWithPast
+except ImportError:  # transformers < 5.25
+    _BaseOutputWithPast, _CausalLMOutputWithPast = BaseModelOutputWithPast, CausalLMOutputWithPast
+OUTPUTS_CARRY_IMAGE_OUTPUTS = "image_outputs" in _CausalLMOutputWithPast.__dataclass_fields__
+
+
 @dataclass
-class SliMEImageFeatures(ModelOutput):
-    """What the vision path produces for a batch of images.
+class SliMEImageFeatures(BaseModelOutputWithPooling):
+    """What the vision path produces for a batch of images (compatible with `BaseModelOutputWithPooling`).
 
     Args:
-        image_features (`list[torch.FloatTensor]`): per image, the token block the LLM sees in place of its
-            `<image>`: `[global (576); separator (1); kept local]` (or one part only under the stage switches).
+        last_hidden_state (`torch.FloatTensor` of shape `(num_views, num_patches, vision_hidden)`): the vision
+            tower's features of `config.vision_feature_layer` (CLS dropped) for every real view of the batch, global
+            views first, then each image's local crops.
+        pooler_output (`list[torch.FloatTensor]`): per image, the token block the LLM sees in place of its
+            `<image>`: `[global (576); separator (1); kept local]` (or one part only under the stage switches). Without
+            text to route against, every local token is kept: the features before routing. Also `image_features`.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*): the vision tower's hidden states, with
+            `output_hidden_states=True`.
+        attentions (`tuple(torch.FloatTensor)`, *optional*): the vision tower's attentions, with `output_attentions=True`.
         selected_indices (`list[torch.LongTensor]`): per image, kept positions in the merged local raster
             (empty under `use_global_only`).
         image_token_budget (`list[dict]`): per image, `global`, `separator`, `local_kept`, `local_total`, `total`.
-        router_scores (`list[torch.FloatTensor]`): per image, the router's scores of every local token.
+        router_scores (`list[torch.FloatTensor]`): per image, the router's scores of every local token (routed calls).
         local_tokens (`list[torch.FloatTensor]`): per image, all projected local tokens in merged raster order.
         global_tokens (`list[torch.FloatTensor]`): per image, the global adapter's 576 tokens.
     """
 
-    image_features: list | None = None
     selected_indices: list | None = None
     image_token_budget: list | None = None
     router_scores: list | None = None
     local_tokens: list | None = None
     global_tokens: list | None = None
 
+    @property
+    def image_features(self) -> list | None:
+        """Per image, the token block the LLM sees (the same list as `pooler_output`)."""
+        return self.pooler_output
+
 
 @dataclass
-class SliMEModelOutputWithPast(BaseModelOutputWithPast):
-    """Output of [`SliMEModel`]: the text model's output (its KV-cache field named as in the installed transformers)
-    plus the assembled sequence's bookkeeping.
+class SliMEPreparedInputs(ModelOutput):
+    """The text model's input, as [`SliMEModel.prepare_multimodal_inputs`] assembles it.
+
+    Args:
+        inputs_embeds (`torch.FloatTensor` of shape `(batch, assembled_length, hidden)`): text embeddings with each
+            image's token block spliced in at its `<image>`; padding and dropped local tokens never appear.
+        attention_mask (`torch.LongTensor` of shape `(batch, assembled_length)`): mask of the assembled rows.
+        position_ids (`torch.LongTensor`, *optional*): consecutive positions from each row's first real token
+            (`None` for text-only rows that were not re-laid out).
+        input_ids (`torch.LongTensor` of shape `(batch, assembled_length)`): ids matching `inputs_embeds`: the text
+            ids, `config.image_token_id` at every image position, the pad id at padding.
+        labels (`torch.LongTensor`, *optional*): labels aligned with the assembled rows (image positions -100).
+        selected_indices (`list[torch.LongTensor]`): per image, the kept local token indices.
+        image_token_budget (`list[dict]`): per image, tokens the LLM sees (see [`SliMEImageFeatures`]).
+        truncated_positions (`torch.LongTensor` of shape `(batch,)`, *optional*): with a training length limit,
+            the positions cut from the end of each assembled row.
+        image_outputs ([`SliMEImageFeatures`], *optional*): the vision path's output (`None` without images).
+    """
+
+    inputs_embeds: torch.FloatTensor | None = None
+    attention_mask: torch.LongTensor | None = None
+    position_ids: torch.LongTensor | None = None
+    input_ids: torch.LongTensor | None = None
+    labels: torch.LongTensor | None = None
+    selected_indices: list | None = None
+    image_token_budget: list | None = None
+    truncated_positions: torch.LongTensor | None = None
+    image_outputs: SliMEImageFeatures | None = None
+
+
+@dataclass
+class SliMEModelOutputWithPast(_BaseOutputWithPast):
+    """Output of [`SliMEModel`]: the text model's output (its KV-cache field named as in the installed transformers;
+    `image_outputs` where the installed version has that field) plus the assembled sequence's bookkeeping.
 
     Args:
         attention_mask (`torch.LongTensor` of shape `(batch, assembled_length)`): mask of the assembled sequence.
@@ -488,8 +549,9 @@ class SliMEModelOutputWithPast(BaseModelOutputWithPast):
 
 
 @dataclass
-class SliMECausalLMOutputWithPast(CausalLMOutputWithPast):
-    """Output of [`SliMEForConditionalGeneration`]: loss, logits and KV cache as for any causal LM, plus:
+class SliMECausalLMOutputWithPast(_CausalLMOutputWithPast):
+    """Output of [`SliMEForConditionalGeneration`]: loss, logits and KV cache as for any causal LM (and
+    `image_outputs` where the installed transformers has that field), plus:
 
     Args:
         attention_mask (`torch.LongTensor`): mask of the assembled sequence (what the logits are aligned with).
@@ -504,6 +566,10 @@ class SliMECausalLMOutputWithPast(CausalLMOutputWithPast):
     selected_indices: list | None = None
     image_token_budget: list | None = None
     truncated_positions: torch.LongTensor | None = None
+
+
+def _image_outputs_field(image_outputs: SliMEImageFeatures | None) -> dict:
+    return {"image_outputs": image_outputs} if OUTPUTS_CARRY_IMAGE_OUTPUTS else {}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -598,6 +664,12 @@ class SliMEModel(SliMEPreTrainedModel):
     def set_input_embeddings(self, value):
         self.language_model.set_input_embeddings(value)
 
+    @property
+    def adapter_dtype(self) -> torch.dtype:
+        """The dtype the adapters compute in. Read from a LayerNorm, which no quantization method replaces (the
+        projector's weights may be quantized integers)."""
+        return self.local_compressor.norm_output.weight.dtype
+
     # -- checks -------------------------------------------------------------------------------------------------
     def _check_image_inputs(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> list[tuple[int, int]]:
         if not torch.is_tensor(pixel_values) or not torch.is_floating_point(pixel_values):
@@ -618,20 +690,64 @@ class SliMEModel(SliMEPreTrainedModel):
             raise ValueError(f"pixel_values holds {pixel_values.shape[0]} images but image_sizes "
                              f"{image_sizes.shape[0]}")
         sizes = [(int(h), int(w)) for h, w in image_sizes.tolist()]
+        # Views are zero-padded; a real (normalised) view is never all zeros. A size whose grid needs fewer views
+        # than were given would silently drop crops; a transposed size with the same view count cannot be told
+        # apart from the pixels, which is why image_sizes must come from the processor.
+        given = pixel_values.flatten(2).ne(0).any(-1).sum(1).tolist()
         for index, size in enumerate(sizes):
             rows, cols = get_slice_grid(size)
-            if rows * cols + 1 > pixel_values.shape[1]:
-                raise ValueError(f"image {index} of size {size} needs {rows * cols + 1} views but pixel_values "
+            needed = rows * cols + 1
+            if needed > pixel_values.shape[1]:
+                raise ValueError(f"image {index} of size {size} needs {needed} views but pixel_values "
                                  f"has only {pixel_values.shape[1]}")
+            if needed < given[index]:
+                raise ValueError(f"image {index}: image_sizes {list(size)} gives a {rows}x{cols} grid ({needed} views) "
+                                 f"but pixel_values holds {given[index]} non-padding views; pass the image_sizes the "
+                                 "processor returned with these pixel_values")
         return sizes
 
+    def _check_length_before_encoding(self, real: torch.Tensor, is_image: torch.Tensor) -> None:
+        """Refuses, before any image is encoded, rows that cannot fit the text model even if the router keeps a
+        single local token per image (the exact length is checked again after routing)."""
+        limit = getattr(self.config.text_config, "max_position_embeddings", None)
+        if limit is None or not bool(is_image.any()):
+            return
+        vision = self.config.vision_config
+        block = 0
+        if not self.config.use_local_only:
+            block += (vision.image_size // vision.patch_size) ** 2
+        if not self.config.use_local_only and not self.config.use_global_only:
+            block += 1  # separator
+        if not self.config.use_global_only:
+            block += 1  # the router keeps at least one local token
+        shortest = (real & ~is_image).sum(1) + is_image.sum(1) * block
+        longest = int(shortest.max())
+        if longest > limit:
+            row = int(shortest.argmax())
+            raise ValueError(f"row {row} needs at least {longest} positions (text + {int(is_image[row].sum())} image "
+                             f"blocks of at least {block} tokens), {longest - limit} more than the text model's "
+                             f"max_position_embeddings={limit}")
+
     # -- vision path --------------------------------------------------------------------------------------------
-    def encode_views(self, views: torch.Tensor) -> torch.Tensor:
-        """views (V, 3, H, W) -> patch features (V, P, C) of `config.vision_feature_layer`, CLS dropped. Frozen."""
+    def encode_views(
+        self, views: torch.Tensor, output_hidden_states: bool = False, output_attentions: bool = False
+    ) -> torch.Tensor | BaseModelOutputWithPooling:
+        """views (V, 3, H, W) -> patch features (V, P, C) of `config.vision_feature_layer`, CLS dropped. Frozen.
+
+        With `output_hidden_states` or `output_attentions`, returns the vision tower's output with those fields and
+        the selected features as `last_hidden_state`.
+        """
         tower = self.vision_tower
         with torch.no_grad():
-            out = tower(views.to(tower.dtype), output_hidden_states=True)
-        return out.hidden_states[self.config.vision_feature_layer][:, 1:]
+            out = tower(views.to(tower.dtype), output_hidden_states=True, output_attentions=output_attentions)
+        features = out.hidden_states[self.config.vision_feature_layer][:, 1:]
+        if not (output_hidden_states or output_attentions):
+            return features
+        return BaseModelOutputWithPooling(
+            last_hidden_state=features,
+            hidden_states=out.hidden_states if output_hidden_states else None,
+            attentions=out.attentions if output_attentions else None,
+        )
 
     def _text_for_routing(
         self, input_ids, attention_mask, labels, row: int, row_embeds: torch.Tensor | None = None
@@ -670,14 +786,22 @@ class SliMEModel(SliMEPreTrainedModel):
         router_top_p: float | None = None,
         image_to_row: list[int] | None = None,
         token_embeds: torch.FloatTensor | None = None,
-    ) -> SliMEImageFeatures:
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> SliMEImageFeatures | tuple:
         """Runs the vision path for every image of the batch.
+
+        Without `input_ids` there is no text to route against and every local token is kept: `pooler_output` then
+        holds the image features before routing (`[global; separator; all local]` per image). With `input_ids`,
+        each image is routed against its own sample's text and `pooler_output` holds what the LLM sees.
 
         Args:
             pixel_values (`torch.FloatTensor` of shape `(num_images, max_views, 3, 336, 336)`): from the processor.
-            image_sizes (`torch.LongTensor` of shape `(num_images, 2)`): (height, width) of each original image.
+            image_sizes (`torch.LongTensor` of shape `(num_images, 2)`): (height, width) of each original image, as
+                the processor returned them.
             input_ids (`torch.LongTensor`, *optional*): the prompts; each image is routed against its own sample's
-                text. Needed unless `use_global_only`.
+                text.
             attention_mask (`torch.Tensor`, *optional*): padding mask of `input_ids`.
             labels (`torch.LongTensor`, *optional*): training labels (for `router_reads_answers=False`).
             router_top_p (`float`, *optional*): overrides `config.router_top_p` for this call.
@@ -685,18 +809,20 @@ class SliMEModel(SliMEPreTrainedModel):
                 of `input_ids` when omitted.
             token_embeds (`torch.FloatTensor` of shape `(batch, length, hidden)`, *optional*): `input_ids` already
                 embedded (see [`~SliMEModel.embed_tokens`]), so the router does not embed them again.
+            output_hidden_states (`bool`, *optional*): also return the vision tower's hidden states.
+            output_attentions (`bool`, *optional*): also return the vision tower's attentions.
+            return_dict (`bool`, *optional*): return a [`SliMEImageFeatures`] (default) or a tuple.
         """
         config = self.config
         sizes = self._check_image_inputs(pixel_values, image_sizes)
+        routed = input_ids is not None
         top_p = config.router_top_p if router_top_p is None else float(router_top_p)
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"router_top_p must be in (0, 1], got {top_p}")
         grids = [get_slice_grid(size) for size in sizes]
         use_global = not config.use_local_only
         use_local = not config.use_global_only
-        if use_local and input_ids is None:
-            raise ValueError("input_ids are needed to route the local tokens against the prompt")
-        if image_to_row is None and input_ids is not None:
+        if routed and image_to_row is None:
             image_to_row = self._image_rows(input_ids, attention_mask)
         if image_to_row is not None and len(image_to_row) != len(sizes):
             raise ValueError(f"the prompts hold {len(image_to_row)} image placeholders but {len(sizes)} images "
@@ -709,8 +835,10 @@ class SliMEModel(SliMEPreTrainedModel):
             views.append(pixel_values[:, 0])
         if use_local:
             views.extend(pixel_values[i, 1 : 1 + n] for i, n in enumerate(view_counts))
-        adapter_dtype = self.projector.linear_1.weight.dtype
-        features = self.encode_views(torch.cat(views)).to(adapter_dtype)
+        adapter_dtype = self.adapter_dtype
+        tower_out = self.encode_views(torch.cat(views), bool(output_hidden_states), bool(output_attentions))
+        selected_features = tower_out if torch.is_tensor(tower_out) else tower_out.last_hidden_state
+        features = selected_features.to(adapter_dtype)
 
         num_images = len(sizes)
         global_tokens = [None] * num_images
@@ -729,16 +857,21 @@ class SliMEModel(SliMEPreTrainedModel):
             side = self.local_compressor.grid_size
             per_image = compressed.split(view_counts)
             text_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-            embedded = token_embeds if token_embeds is not None else self.embed_tokens(input_ids)
+            embedded = None
+            if routed:
+                embedded = token_embeds if token_embeds is not None else self.embed_tokens(input_ids)
             for index, ((rows, cols), crops) in enumerate(zip(grids, per_image)):
                 merged = crops.view(rows, cols, side, side, -1).permute(0, 2, 1, 3, 4).flatten(0, 3)
+                local_tokens.append(merged)
+                if not routed:
+                    kept_list.append(torch.arange(merged.shape[0], device=merged.device))
+                    continue
                 row = image_to_row[index]
                 if row not in text_cache:
                     text_cache[row] = self._text_for_routing(input_ids, attention_mask, labels, row, embedded[row])
                 text, text_mask = text_cache[row]
                 scores = self.router.scores(merged, text.to(merged.dtype), text_mask)
                 kept = self.router.select(scores.float() if scores.dtype != torch.float32 else scores, top_p)
-                local_tokens.append(merged)
                 scores_list.append(scores)
                 kept_list.append(kept)
         for index in range(num_images):
@@ -758,20 +891,25 @@ class SliMEModel(SliMEPreTrainedModel):
             blocks.append(torch.cat(parts))
             budgets.append(budget)
         empty = torch.empty(0, dtype=torch.long, device=pixel_values.device)
-        return SliMEImageFeatures(
-            image_features=blocks,
+        output = SliMEImageFeatures(
+            last_hidden_state=selected_features,
+            pooler_output=blocks,
+            hidden_states=None if torch.is_tensor(tower_out) else tower_out.hidden_states,
+            attentions=None if torch.is_tensor(tower_out) else tower_out.attentions,
             selected_indices=kept_list if use_local else [empty] * num_images,
             image_token_budget=budgets,
             router_scores=scores_list or None,
             local_tokens=local_tokens or None,
             global_tokens=global_tokens if use_global else None,
         )
+        return_dict = return_dict if return_dict is not None else config.return_dict
+        return output if return_dict else output.to_tuple()
 
     def embed_tokens(self, input_ids: torch.LongTensor) -> torch.Tensor:
         """Token embeddings of `input_ids`, image tokens embedded as id 0 (their positions take image features).
 
-        `forward` calls it once and shares the result between the router and the assembly: under ZeRO-3 each call
-        gathers the embedding matrix collectively, so every rank makes the same single call whatever its batch holds.
+        Called once per forward and shared between the router and the assembly: under ZeRO-3 each call gathers the
+        embedding matrix collectively, so every rank makes the same single call whatever its batch holds.
         """
         return self.get_input_embeddings()(input_ids.masked_fill(input_ids == self.config.image_token_id, 0))
 
@@ -790,7 +928,7 @@ class SliMEModel(SliMEPreTrainedModel):
         gathers the same parameters on every rank.
         """
         tile = self.config.vision_config.image_size
-        dtype = self.projector.linear_1.weight.dtype
+        dtype = self.adapter_dtype
         features = self.encode_views(torch.zeros(2, 3, tile, tile, device=input_ids.device)).to(dtype)
         total = features.new_zeros(())
         if not self.config.use_local_only:
@@ -811,7 +949,81 @@ class SliMEModel(SliMEPreTrainedModel):
             is_image = is_image & attention_mask.bool()
         return is_image.nonzero()[:, 0].tolist()
 
-    # -- assembly -----------------------------------------------------------------------------------------------
+    # -- the one preparation path ---------------------------------------------------------------------------------
+    def prepare_multimodal_inputs(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        image_sizes: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        router_top_p: float | None = None,
+        padding_side: str | None = None,
+        max_length: int | None = None,
+    ) -> SliMEPreparedInputs:
+        """Turns the processor's output into the text model's input: checks the placeholders and the length, embeds
+        the tokens once, runs the vision path and the router, and assembles the rows. `forward`, `generate` and the
+        serving front end all call this one function.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, length)`): prompts with one image token per image.
+            attention_mask (`torch.Tensor` of shape `(batch, length)`, *optional*): padding mask of `input_ids`.
+            pixel_values (`torch.FloatTensor` of shape `(num_images, max_views, 3, 336, 336)`, *optional*).
+            image_sizes (`torch.LongTensor` of shape `(num_images, 2)`, *optional*): (height, width) per image.
+            labels (`torch.LongTensor`, *optional*): training labels aligned with `input_ids`.
+            router_top_p (`float`, *optional*): overrides `config.router_top_p` for this call.
+            padding_side (`str`, *optional*): side of the re-padding of the assembled rows (`"left"` by default,
+                `"right"` when labels are given).
+            max_length (`int`, *optional*): training limit on the assembled rows (cut at the end, never inside an
+                image block).
+
+        Returns:
+            [`SliMEPreparedInputs`]. Text-only rows keep their layout unless `max_length` cuts them.
+        """
+        if input_ids is None:
+            raise ValueError("the model needs input_ids (or inputs_embeds)")
+        mask_matches = attention_mask is not None and attention_mask.shape == input_ids.shape
+        real = attention_mask.bool() if mask_matches else torch.ones_like(input_ids, dtype=torch.bool)
+        is_image = (input_ids == self.config.image_token_id) & real
+        num_images = 0 if pixel_values is None else int(pixel_values.shape[0])
+        num_placeholders = int(is_image.sum())
+        if num_placeholders != num_images:
+            given = f"{num_images} images were given (pixel_values)" if num_images else "no pixel_values were given"
+            raise ValueError(f"the prompts hold {num_placeholders} image placeholders but {given}")
+        if num_images:
+            self._check_image_inputs(pixel_values, image_sizes)
+            self._check_length_before_encoding(real, is_image)
+        # The same calls with and without images, in the same order (ZeRO-3 gathers each module's parameters
+        # collectively): the token embedding once, then the vision path (the dummy image for text-only training).
+        token_embeds = self.embed_tokens(input_ids)
+        if not num_images:
+            anchor = None
+            if self.training and torch.is_grad_enabled():
+                anchor = self.dummy_image_anchor(input_ids, attention_mask if mask_matches else None, token_embeds)
+            if max_length is not None and int(real.sum(1).max()) > max_length:
+                prepared = self.assemble_inputs(
+                    input_ids, attention_mask, [], labels, padding_side, max_length, token_embeds
+                )
+            else:
+                prepared = SliMEPreparedInputs(
+                    inputs_embeds=token_embeds, attention_mask=attention_mask, input_ids=input_ids, labels=labels,
+                    truncated_positions=torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device),
+                )
+            if anchor is not None:
+                prepared.inputs_embeds = prepared.inputs_embeds + anchor.to(prepared.inputs_embeds.dtype)
+            return prepared
+        image_outputs = self.get_image_features(
+            pixel_values, image_sizes, input_ids, attention_mask, labels, router_top_p, token_embeds=token_embeds,
+            return_dict=True,
+        )
+        prepared = self.assemble_inputs(
+            input_ids, attention_mask, image_outputs.pooler_output, labels, padding_side, max_length, token_embeds
+        )
+        prepared.selected_indices = image_outputs.selected_indices
+        prepared.image_token_budget = image_outputs.image_token_budget
+        prepared.image_outputs = image_outputs
+        return prepared
+
     def assemble_inputs(
         self,
         input_ids: torch.LongTensor,
@@ -821,7 +1033,7 @@ class SliMEModel(SliMEPreTrainedModel):
         padding_side: str | None = None,
         max_length: int | None = None,
         token_embeds: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    ) -> SliMEPreparedInputs:
         """Splices each image's token block at its image token and compacts every row: padding and dropped
         tokens never reach the LLM; rows are re-padded (left for generation, right when `labels` are given).
 
@@ -830,8 +1042,8 @@ class SliMEModel(SliMEPreTrainedModel):
 
         `token_embeds`: `input_ids` already embedded ([`~SliMEModel.embed_tokens`]).
 
-        Returns `(inputs_embeds, attention_mask, position_ids, labels, truncated_positions)` of the assembled
-        sequence; `truncated_positions` `(batch,)` counts the positions cut from each row.
+        Returns a [`SliMEPreparedInputs`] with the assembled `inputs_embeds`, `attention_mask`, `position_ids`,
+        `input_ids`, `labels` and `truncated_positions` (the positions cut from each row).
         """
         if padding_side is None:
             padding_side = "right" if labels is not None else "left"
@@ -868,8 +1080,10 @@ class SliMEModel(SliMEPreTrainedModel):
         starts = unpadded_starts + offsets.unsqueeze(1)
 
         out = text_embeds.new_zeros(batch, total, text_embeds.shape[-1])
+        ids = input_ids.new_full((batch, total), self._pad_id())
         rows, cols = is_text.nonzero(as_tuple=True)
         out = out.index_put((rows, starts[rows, cols]), text_embeds[rows, cols])
+        ids[rows, starts[rows, cols]] = input_ids[rows, cols]
         if image_features:
             image_rows, image_cols = is_image.nonzero(as_tuple=True)
             block_rows = image_rows.repeat_interleave(block_lengths)
@@ -878,6 +1092,7 @@ class SliMEModel(SliMEPreTrainedModel):
             ).repeat_interleave(block_lengths)
             block_pos = starts[image_rows, image_cols].repeat_interleave(block_lengths) + within
             out = out.index_put((block_rows, block_pos), torch.cat(image_features).to(dtype))
+            ids[block_rows, block_pos] = self.config.image_token_id
 
         positions = torch.arange(total, device=device).unsqueeze(0) - offsets.unsqueeze(1)
         new_mask = ((positions >= 0) & (positions < lengths.unsqueeze(1))).long()
@@ -886,7 +1101,16 @@ class SliMEModel(SliMEPreTrainedModel):
         if labels is not None:
             new_labels = torch.full((batch, total), -100, dtype=labels.dtype, device=device)
             new_labels[rows, starts[rows, cols]] = labels[rows, cols]
-        return out, new_mask, position_ids, new_labels, truncated
+        return SliMEPreparedInputs(
+            inputs_embeds=out, attention_mask=new_mask, position_ids=position_ids, input_ids=ids, labels=new_labels,
+            truncated_positions=truncated,
+        )
+
+    def _pad_id(self) -> int:
+        for config in (self.config, self.config.text_config):
+            if getattr(config, "pad_token_id", None) is not None:
+                return int(config.pad_token_id)
+        return 0
 
     @staticmethod
     def _check_cut_outside_images(
@@ -906,6 +1130,7 @@ class SliMEModel(SliMEPreTrainedModel):
                     "shorten the text before the image or raise the limit"
                 )
 
+    @_cache_kwarg_renamed
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -920,89 +1145,128 @@ class SliMEModel(SliMEPreTrainedModel):
         router_top_p: float | None = None,
         padding_side: str | None = None,
         cache: Any = None,
+        return_dict: bool | None = None,
         **kwargs,
-    ) -> SliMEModelOutputWithPast:
+    ) -> SliMEModelOutputWithPast | tuple:
         """Runs the vision path (if `pixel_values`), assembles the LLM input and runs the text model.
 
         Args:
             input_ids (`torch.LongTensor` of shape `(batch, length)`): prompts with one image token per image.
             pixel_values (`torch.FloatTensor` of shape `(num_images, max_views, 3, 336, 336)`, *optional*).
-            image_sizes (`torch.LongTensor` of shape `(num_images, 2)`, *optional*): (height, width) per image.
+            image_sizes (`torch.LongTensor` of shape `(num_images, 2)`, *optional*): (height, width) per image, as
+                the processor returned them.
             attention_mask (`torch.Tensor` of shape `(batch, length)`, *optional*): padding mask of `input_ids`.
+            inputs_embeds (`torch.FloatTensor`, *optional*): an already assembled sequence (instead of `input_ids`).
             labels (`torch.LongTensor`, *optional*): training labels aligned with `input_ids`.
             router_top_p (`float`, *optional*): overrides `config.router_top_p` for this call.
             padding_side (`str`, *optional*): side of the re-padding of the assembled rows (`"left"` by default,
                 `"right"` when labels are given).
+            return_dict (`bool`, *optional*): a [`SliMEModelOutputWithPast`] (default: `config.return_dict`) or a
+                tuple.
         """
-        selected, budgets, new_labels, truncated = None, None, labels, None
-        max_length = self.config.training_max_length if labels is not None else None
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
         if inputs_embeds is not None:
             if input_ids is not None or pixel_values is not None:
                 raise ValueError("pass either input_ids (+ pixel_values) or inputs_embeds, not both")
-        elif input_ids is None:
-            raise ValueError("forward needs input_ids (or inputs_embeds)")
-        elif pixel_values is None:
-            if bool((input_ids == self.config.image_token_id).any()):
-                raise ValueError("the prompts hold image placeholders but no pixel_values were given")
-            real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-            # The same calls as an image batch, in the same order (ZeRO-3 gathers each module's parameters
-            # collectively): the token embedding once, then the vision path (here the dummy image).
-            token_embeds = self.embed_tokens(input_ids)
-            anchor = None
-            if self.training and torch.is_grad_enabled():
-                anchor = self.dummy_image_anchor(input_ids, attention_mask, token_embeds)
-            inputs_embeds = token_embeds
-            if max_length is not None and int(real.sum(1).max()) > max_length:
-                inputs_embeds, attention_mask, assembled_positions, new_labels, truncated = self.assemble_inputs(
-                    input_ids, attention_mask, [], labels, padding_side, max_length, token_embeds
-                )
-                position_ids = assembled_positions if position_ids is None else position_ids
-            if anchor is not None:
-                inputs_embeds = inputs_embeds + anchor.to(inputs_embeds.dtype)
+            prepared = SliMEPreparedInputs(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels)
         else:
-            real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-            num_placeholders = int(((input_ids == self.config.image_token_id) & real).sum())
-            if num_placeholders != pixel_values.shape[0]:
-                raise ValueError(f"the prompts hold {num_placeholders} image placeholders but "
-                                 f"{pixel_values.shape[0]} images were given (pixel_values)")
-            token_embeds = self.embed_tokens(input_ids)  # one lookup, for the router and the assembly
-            image_outputs = self.get_image_features(
-                pixel_values, image_sizes, input_ids, attention_mask, labels, router_top_p, token_embeds=token_embeds
-            )
-            selected, budgets = image_outputs.selected_indices, image_outputs.image_token_budget
-            inputs_embeds, attention_mask, assembled_positions, new_labels, truncated = self.assemble_inputs(
-                input_ids, attention_mask, image_outputs.image_features, labels, padding_side, max_length,
-                token_embeds,
+            max_length = self.config.training_max_length if labels is not None else None
+            prepared = self.prepare_multimodal_inputs(
+                input_ids, attention_mask, pixel_values, image_sizes, labels, router_top_p, padding_side, max_length
             )
             if position_ids is None:
-                position_ids = assembled_positions
-        if max_length is None:
-            truncated = None
-        elif truncated is not None and bool(truncated.any()):
-            logger.warning_once(
-                f"training rows longer than training_max_length={max_length} assembled positions are cut at the end "
-                "(the number of positions cut per row is in outputs.truncated_positions)"
-            )
+                position_ids = prepared.position_ids
+            if max_length is None:
+                prepared.truncated_positions = None
+            elif bool(prepared.truncated_positions.any()):
+                logger.warning_once(
+                    f"training rows longer than training_max_length={max_length} assembled positions are cut at the "
+                    "end (the number of positions cut per row is in outputs.truncated_positions)"
+                )
         cache = cache if cache is not None else past_key_values
         outputs = self.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
+            inputs_embeds=prepared.inputs_embeds,
+            attention_mask=prepared.attention_mask,
             position_ids=position_ids,
             use_cache=use_cache,
+            return_dict=True,
             **{_cache_argument_name(self.language_model): cache},
             **kwargs,
         )
-        return SliMEModelOutputWithPast(
+        output = SliMEModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
             **_cache_output(outputs),
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            attention_mask=attention_mask,
-            labels=new_labels,
-            selected_indices=selected,
-            image_token_budget=budgets,
-            truncated_positions=truncated,
+            attention_mask=prepared.attention_mask,
+            labels=prepared.labels,
+            selected_indices=prepared.selected_indices,
+            image_token_budget=prepared.image_token_budget,
+            truncated_positions=prepared.truncated_positions,
+            **_image_outputs_field(prepared.image_outputs),
         )
+        return output if return_dict else output.to_tuple()
+
+
+class _PromptStreamer:
+    """Feeds a streamer the caller's prompt instead of the assembled one (whose image positions hold an id no
+    tokenizer can decode); everything after the prompt passes through unchanged."""
+
+    def __init__(self, streamer, prompt_ids: torch.LongTensor):
+        self.streamer = streamer
+        self.prompt_ids = prompt_ids
+        self.prompt_sent = False
+
+    def put(self, value):
+        if not self.prompt_sent:
+            self.prompt_sent = True
+            value = self.prompt_ids.cpu()
+        self.streamer.put(value)
+
+    def end(self):
+        self.streamer.end()
+
+
+class _CandidatesWithoutImageIds:
+    """Wraps a candidate generator (prompt lookup, assisted decoding) so that no candidate is the image id: prompt
+    lookup copies continuations out of the assembled prompt, whose image positions hold it."""
+
+    def __init__(self, generator, image_token_id: int):
+        self.generator = generator
+        self.image_token_id = image_token_id
+
+    def __getattr__(self, name):
+        return getattr(self.generator, name)
+
+    def get_candidates(self, input_ids: torch.LongTensor, *args, **kwargs):
+        candidates, logits = self.generator.get_candidates(input_ids, *args, **kwargs)
+        new = candidates[:, input_ids.shape[1] :]
+        is_image = (new == self.image_token_id).any(0)
+        if bool(is_image.any()):
+            keep = int(is_image.float().argmax())
+            candidates = candidates[:, : input_ids.shape[1] + keep]
+            logits = logits[:, :keep] if logits is not None else None
+        return candidates, logits
+
+
+def _reusable_cache_length(cache, prepared: SliMEPreparedInputs) -> int:
+    """How many leading positions of `cache` hold exactly the sequence `prepared` would feed the text model.
+
+    The cache records what it was filled with (`slime_sequence`: the ids it covers, `slime_prompt_embeds`: the
+    assembled prompt embeddings). Routing reads the whole prompt, so a later turn may keep other local tokens than
+    the one that filled the cache: the prefix ends at the first position whose id or embedding differs.
+    """
+    cached = int(cache.get_seq_length())
+    old_ids = getattr(cache, "slime_sequence", None)
+    old_embeds = getattr(cache, "slime_prompt_embeds", None)
+    new_ids, new_embeds = prepared.input_ids, prepared.inputs_embeds
+    if cached == 0 or old_ids is None or old_ids.shape[0] != new_ids.shape[0]:
+        return 0
+    length = min(cached, old_ids.shape[1], new_ids.shape[1] - 1)  # at least one position is fed again
+    same = (old_ids[:, :length] == new_ids[:, :length].to(old_ids.device)).all(0)
+    span = min(length, old_embeds.shape[1])
+    same[:span] &= (old_embeds[:, :span] == new_embeds[:, :span].to(old_embeds.device)).all(-1).all(0)
+    return length if bool(same.all()) else int((~same).float().argmax())
 
 
 class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
@@ -1014,12 +1278,16 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: SliMEConfig):
         super().__init__(config)
         self.model = SliMEModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
+        if getattr(config, "tie_word_embeddings", False) and isinstance(getattr(self, "_tp_plan", None), dict):
+            # A tied lm_head shares its tensor with embed_tokens: both must be sharded along the vocabulary.
+            self._tp_plan = {"model.language_model.embed_tokens": "embedding_rowwise", **self._tp_plan}
 
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()
@@ -1033,10 +1301,11 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
-    def get_image_features(self, *args, **kwargs) -> SliMEImageFeatures:
+    def get_image_features(self, *args, **kwargs) -> SliMEImageFeatures | tuple:
         """See [`SliMEModel.get_image_features`]."""
         return self.model.get_image_features(*args, **kwargs)
 
+    @_cache_kwarg_renamed
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1052,12 +1321,15 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
         padding_side: str | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         cache: Any = None,
+        return_dict: bool | None = None,
         **kwargs,
-    ) -> SliMECausalLMOutputWithPast:
+    ) -> SliMECausalLMOutputWithPast | tuple:
         """Logits (and the loss when `labels` are given) over the assembled sequence.
 
         Args: as [`SliMEModel.forward`], plus `logits_to_keep` (compute logits for the last N positions only).
-        The logits are aligned with the ASSEMBLED sequence (`outputs.attention_mask`), not with `input_ids`.
+        The logits are aligned with the ASSEMBLED sequence (`outputs.attention_mask`), not with `input_ids`. With
+        `return_dict=False` (or `config.return_dict=False`) a tuple is returned, the loss (if any) then the logits
+        first, as for every transformers model.
 
         Example:
 
@@ -1067,6 +1339,7 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
         >>> outputs.image_token_budget  # per image: global, separator, local kept of local total
         ```
         """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         outputs = self.model(
             input_ids=input_ids,
@@ -1074,13 +1347,13 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
             image_sizes=image_sizes,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
-            cache=cache,
+            cache=cache if cache is not None else past_key_values,
             inputs_embeds=inputs_embeds,
             labels=labels,
             use_cache=use_cache,
             router_top_p=router_top_p,
             padding_side=padding_side,
+            return_dict=True,
             **kwargs,
         )
         hidden = outputs.last_hidden_state
@@ -1092,7 +1365,7 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
                 logits=logits, labels=outputs.labels, vocab_size=self.config.text_config.vocab_size,
                 num_items_in_batch=num_items_in_batch,
             )
-        return SliMECausalLMOutputWithPast(
+        output = SliMECausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             **_cache_output(outputs),
@@ -1102,7 +1375,28 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
             selected_indices=outputs.selected_indices,
             image_token_budget=outputs.image_token_budget,
             truncated_positions=outputs.truncated_positions,
+            **_image_outputs_field(getattr(outputs, "image_outputs", None)),
         )
+        return output if return_dict else output.to_tuple()
+
+    def _get_candidate_generator(self, *args, **kwargs):
+        return _CandidatesWithoutImageIds(super()._get_candidate_generator(*args, **kwargs), self.config.image_token_id)
+
+    def _check_assistant(self, assistant_model) -> None:
+        if assistant_model is None:
+            return
+        config = getattr(assistant_model, "config", None)
+        if getattr(config, "model_type", None) != self.config.model_type:
+            raise ValueError(
+                "assisted decoding needs a SliME assistant: the assistant is handed the assembled prompt (image "
+                "positions hold the image features and the out-of-vocabulary image id), which a text-only model "
+                f"cannot read; got a {type(assistant_model).__name__}. Use prompt_lookup_num_tokens, or a SliME model."
+            )
+        if config.text_config.hidden_size != self.config.text_config.hidden_size:
+            raise ValueError(
+                f"the assistant's text hidden size {config.text_config.hidden_size} differs from this model's "
+                f"{self.config.text_config.hidden_size}: it cannot read this model's assembled prompt embeddings"
+            )
 
     @torch.no_grad()
     def generate(
@@ -1114,49 +1408,74 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
         router_top_p: float | None = None,
         **kwargs,
     ):
-        """Generates answers; returns `input_ids` followed by the new ids (or a `GenerateOutput` whose
-        `sequences` are, with `return_dict_in_generate=True`).
+        """Generates answers; returns `input_ids` followed by the new ids (or a `GenerateOutput` whose `sequences`
+        are, with `return_dict_in_generate=True`; each prompt repeated once per returned sequence).
+
+        The prompt is assembled once ([`~SliMEModel.prepare_multimodal_inputs`]) and handed to
+        [`~generation.GenerationMixin.generate`] as embeddings together with the matching assembled ids (the image
+        token id at every image position), so logits processors (`repetition_penalty`, ...), prompt lookup and
+        assisted decoding see the prompt's text. Consequences:
+
+        - `max_length` counts assembled positions (text plus image tokens); prefer `max_new_tokens`.
+        - A streamer is fed the caller's `input_ids` as the prompt (or skips it, with `skip_prompt=True`).
+        - A cache from an earlier turn (`past_key_values=` / `cache=`) is reused only for the prefix whose assembled
+          embeddings are unchanged: the router reads the whole prompt, so a longer conversation may keep other local
+          tokens; the rest of the cache is dropped and recomputed.
+        - With `return_dict_in_generate=True`, the output also carries `image_token_budget` and `selected_indices`
+          (per image, as on the forward output).
 
         Args:
-            input_ids, pixel_values, image_sizes, attention_mask: as returned by [`SliMEProcessor`] (left padded).
+            input_ids, pixel_values, image_sizes, attention_mask: as returned by [`SliMEProcessor`] (padding on
+                either side; the assembled rows are re-padded on the left).
             router_top_p (`float`, *optional*): the router's top-p for this call (never a bare `top_p`: that is
                 nucleus sampling).
             kwargs: any argument of [`~generation.GenerationMixin.generate`].
-
-        After the call, `model.last_image_token_budget` and `model.last_selected_indices` hold the per-image token
-        budget and kept local indices of this call (empty lists for a text-only call).
         """
-        self.last_image_token_budget, self.last_selected_indices = [], []
         if kwargs.get("inputs_embeds") is not None:
-            return super().generate(attention_mask=attention_mask, **kwargs)
+            # An already assembled prompt: a round of this model as its own assistant, or a caller's embeddings.
+            if pixel_values is not None:
+                raise ValueError("pass either pixel_values (with input_ids) or inputs_embeds, not both")
+            return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         if input_ids is None:
             raise ValueError("generate needs input_ids (from the processor)")
+        self._check_assistant(kwargs.get("assistant_model"))
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        # Padding on either side is dropped and the assembled rows are re-padded on the left: right-padded prompts
-        # (e.g. from a pipeline) generate the same answers; the output still starts with the caller's input_ids.
-        inner = self.model
-        num_placeholders = int(((input_ids == self.config.image_token_id) & attention_mask.bool()).sum())
-        num_images = 0 if pixel_values is None else pixel_values.shape[0]
-        if num_placeholders != num_images:
-            raise ValueError(f"the prompts hold {num_placeholders} image placeholders but {num_images} images were "
-                             "given (pixel_values)")
-        features = []
-        token_embeds = inner.embed_tokens(input_ids)
-        if num_images:
-            image_outputs = inner.get_image_features(
-                pixel_values, image_sizes, input_ids, attention_mask, None, router_top_p, token_embeds=token_embeds
-            )
-            features = image_outputs.image_features
-            self.last_image_token_budget = image_outputs.image_token_budget
-            self.last_selected_indices = image_outputs.selected_indices
-        embeds, new_mask, _, _, _ = inner.assemble_inputs(
-            input_ids, attention_mask, features, None, "left", token_embeds=token_embeds
+        prepared = self.model.prepare_multimodal_inputs(
+            input_ids, attention_mask, pixel_values, image_sizes, router_top_p=router_top_p, padding_side="left"
         )
-        result = super().generate(inputs_embeds=embeds, attention_mask=new_mask, **kwargs)
+        cache_key = "cache" if kwargs.get("cache") is not None else "past_key_values"
+        cache = kwargs.get(cache_key)
+        if cache is not None and hasattr(cache, "get_seq_length"):
+            reusable = _reusable_cache_length(cache, prepared)
+            if reusable < int(cache.get_seq_length()):
+                if reusable and hasattr(cache, "crop"):
+                    cache.crop(reusable)
+                else:
+                    cache.reset()
+        if kwargs.get("streamer") is not None:
+            kwargs["streamer"] = _PromptStreamer(kwargs["streamer"], input_ids)
+        result = super().generate(
+            input_ids=prepared.input_ids,
+            inputs_embeds=prepared.inputs_embeds,
+            attention_mask=prepared.attention_mask,
+            **kwargs,
+        )
+        sequences = result if torch.is_tensor(result) else result.sequences
+        new_ids = sequences[:, prepared.input_ids.shape[1] :]
+        copies = sequences.shape[0] // input_ids.shape[0]
+        answer = torch.cat([input_ids.repeat_interleave(copies, dim=0), new_ids.to(input_ids.device)], dim=1)
+        filled = cache if cache is not None else None
+        if not torch.is_tensor(result):
+            filled = getattr(result, "cache", None) or getattr(result, "past_key_values", None) or filled
+        if filled is not None and copies == 1:
+            filled.slime_sequence = sequences
+            filled.slime_prompt_embeds = prepared.inputs_embeds
         if torch.is_tensor(result):
-            return torch.cat([input_ids, result.to(input_ids.device)], dim=1)
-        result.sequences = torch.cat([input_ids, result.sequences.to(input_ids.device)], dim=1)
+            return answer
+        result.sequences = answer
+        result["image_token_budget"] = prepared.image_token_budget or []
+        result["selected_indices"] = prepared.selected_indices or []
         return result
 
     # -- loading the authors' layout -------------------------------------------------------------------------------
