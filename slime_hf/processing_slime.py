@@ -102,7 +102,10 @@ _VICUNA_V1_TEMPLATE = (
     "{%- else -%}{{- raise_exception('The vicuna_v1 template accepts system (first), user and assistant messages,"
     " got role: ' + message['role']) -}}"
     "{%- endif -%}"
-    "{%- if text -%}{{- role + ': ' + text + sep -}}{%- else -%}{{- role + ':' -}}{%- endif -%}"
+    # `{% generation %}` marks what training learns: an assistant answer and its end marker (as SliMEDataset's labels).
+    "{%- if text and message['role'] == 'assistant' -%}"
+    "{{- role + ': ' -}}{%- generation -%}{{- text + sep -}}{%- endgeneration -%}"
+    "{%- elif text -%}{{- role + ': ' + text + sep -}}{%- else -%}{{- role + ':' -}}{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
 )
@@ -113,14 +116,18 @@ def _llama3_template(original: bool) -> str:
     # given, no BOS in the text (the tokenizer adds it). At inference the original also appended its splitting marker
     # "<|eot_conversation|>" (not a token) after each assistant turn; training stripped it, so only
     # `llama3_original` keeps it.
-    marker = (
-        "{%- if message['role'] == 'assistant' -%}{{- '<|eot_conversation|>' -}}{%- endif -%}" if original else ""
-    )
+    # `{% generation %}` marks what training learns: a non-empty assistant answer and its end (as SliMEDataset's labels).
+    marker = " + '<|eot_conversation|>'" if original else ""
     return (
         _CONTENT_MACRO
         + "{%- for message in messages -%}"
-        "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + slime_content(message['content'])"
-        " + '<|eot_id|>' -}}" + marker + "{%- endfor -%}"
+        "{%- set text = slime_content(message['content']) -%}"
+        "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' -}}"
+        "{%- if text and message['role'] == 'assistant' -%}"
+        "{%- generation -%}{{- text + '<|eot_id|>'" + marker + " -}}{%- endgeneration -%}"
+        "{%- elif message['role'] == 'assistant' -%}{{- text + '<|eot_id|>'" + marker + " -}}"
+        "{%- else -%}{{- text + '<|eot_id|>' -}}{%- endif -%}"
+        "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}"
     )
 
@@ -506,6 +513,24 @@ def _load_sentencepiece_proto(path: str | None) -> bytes | None:
     return data
 
 
+def _common_prefix_length(a: list[int], b: list[int]) -> int:
+    length = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        length += 1
+    return length
+
+
+def _is_empty_media(value: Any) -> bool:
+    """Whether a `videos` / `audio` argument holds nothing: `None`, or (nested) empty lists."""
+    if value is None:
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_empty_media(item) for item in value)
+    return False
+
+
 def _read_json(path: str | None) -> dict:
     if path is None:
         return {}
@@ -673,6 +698,87 @@ class SliMEProcessor(ProcessorMixin):
     def model_input_names(self) -> list[str]:
         return ["input_ids", "attention_mask", "pixel_values", "image_sizes"]
 
+    def apply_chat_template(self, conversation: Any, chat_template: str | None = None, **kwargs) -> Any:
+        """
+        As [`~transformers.ProcessorMixin.apply_chat_template`], with two SliME rules when it tokenizes:
+
+        - The prompt gets the tokenizer's BOS exactly as at inference: SliME's templates never write it, so an
+          `add_special_tokens` passed in `processor_kwargs` is ignored (trl's collators pass `False`, meant for
+          templates that write their own BOS); training rows built this way equal the inference ids and
+          [`~training.SliMEDataset`]'s.
+        - `return_assistant_tokens_mask=True` (with `return_dict=True`) returns `assistant_masks` from the templates'
+          `{% generation %}` spans (each non-empty assistant answer and its end marker), mapped to tokens as
+          [`~training.SliMEDataset`] maps its targets (a token straddling a span's start counts as the span's); the
+          exact SentencePiece path has no offset mapping, so the spans are located by tokenizing the text up to
+          each boundary.
+        """
+        if not kwargs.get("tokenize", False):
+            return super().apply_chat_template(conversation, chat_template, **kwargs)
+        processor_kwargs = dict(kwargs.pop("processor_kwargs", None) or {})
+        processor_kwargs.pop("add_special_tokens", None)
+        kwargs.pop("add_special_tokens", None)
+        with_mask = kwargs.pop("return_assistant_tokens_mask", False) and kwargs.get("return_dict", False)
+        out = super().apply_chat_template(conversation, chat_template, processor_kwargs=processor_kwargs, **kwargs)
+        if not with_mask:
+            return out
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        template = self._template_string(chat_template)
+        batched = isinstance(conversation, (list, tuple)) and bool(conversation) and (
+            isinstance(conversation[0], (list, tuple)) or hasattr(conversation[0], "messages")
+        )
+        conversations = [list(getattr(c, "messages", c)) for c in (conversation if batched else [conversation])]
+        template_kwargs = {
+            key: value
+            for key, value in kwargs.items()
+            if key not in ("tokenize", "return_dict", "return_tensors", "load_audio_from_video", "tools", "documents")
+        }
+        prompts, spans = render_jinja_template(
+            conversations=conversations,
+            tools=kwargs.get("tools"),
+            documents=kwargs.get("documents"),
+            chat_template=template,
+            return_assistant_tokens_mask=True,
+            **{**self.tokenizer.special_tokens_map, **template_kwargs},
+        )
+        input_ids, attention_mask = out["input_ids"], out["attention_mask"]
+        rows = input_ids.tolist() if hasattr(input_ids, "tolist") else [list(row) for row in input_ids]
+        masks = attention_mask.tolist() if hasattr(attention_mask, "tolist") else [list(m) for m in attention_mask]
+        assistant_masks = []
+        for prompt, row_spans, row, real in zip(prompts, spans, rows, masks):
+            bos = self.tokenizer.bos_token
+            add_special_tokens = not (bos is not None and prompt.startswith(bos))
+            ids = self.tokenize_prompt(prompt, add_special_tokens=add_special_tokens)
+            targets = [0] * len(ids)
+            for start, end in row_spans:
+                first = _common_prefix_length(self.tokenize_prompt(prompt[:start], add_special_tokens), ids)
+                last = _common_prefix_length(self.tokenize_prompt(prompt[:end], add_special_tokens), ids)
+                targets[first:last] = [1] * (last - first)
+            kept = [token for token, keep in zip(row, real) if keep]
+            if kept != ids[: len(kept)]:
+                raise ValueError("The rendered chat template does not tokenize to the returned input_ids.")
+            targets = iter(targets[: len(kept)])
+            assistant_masks.append([next(targets) if keep else 0 for keep in real])
+        return_tensors = "pt" if hasattr(input_ids, "tolist") and hasattr(input_ids, "dim") else None
+        if return_tensors is None and isinstance(input_ids, np.ndarray):
+            return_tensors = "np"
+        out["assistant_masks"] = assistant_masks
+        out.convert_to_tensors(tensor_type=return_tensors)
+        return out
+
+    def _template_string(self, chat_template: str | None) -> str:
+        """The Jinja source of a chat template given by name (a key of the processor's templates), source or `None`."""
+        templates = self.chat_template
+        if chat_template is None:
+            chat_template = "default"
+        if isinstance(templates, dict) and chat_template in templates:
+            return templates[chat_template]
+        if chat_template == "default" and isinstance(templates, str):
+            return templates
+        if chat_template in CHAT_TEMPLATES:
+            return CHAT_TEMPLATES[chat_template]
+        return chat_template
+
     def tokenize_prompt(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """
         Token ids of one prompt, as the original `tokenizer_image_token` (one `image_token_id` per `<image>`).
@@ -747,7 +853,10 @@ class SliMEProcessor(ProcessorMixin):
                 `"pt"`, `"np"` or `None` (lists).
             **kwargs:
                 `add_special_tokens` (default `True`), `max_length`, `pad_to_multiple_of`, `return_attention_mask`,
-                and `images_kwargs` (a dict passed to the image processor).
+                `truncation` (with `max_length`: each row's text ids are cut at the end to `max_length`; a cut that
+                would drop an `<image>` placeholder raises a `ValueError` naming the sample; the model's own limit on
+                the assembled sequence is separate), and `images_kwargs` (a dict passed to the image processor).
+                `videos` / `audio` / `audios` are accepted when empty (`None`, `[]`); SliME takes no other media.
 
         Returns:
             [`BatchFeature`]: `input_ids`, `attention_mask` and, with images, `pixel_values`
@@ -765,11 +874,16 @@ class SliMEProcessor(ProcessorMixin):
         max_length = kwargs.pop("max_length", None)
         pad_to_multiple_of = kwargs.pop("pad_to_multiple_of", None)
         return_attention_mask = kwargs.pop("return_attention_mask", True)
-        for unsupported in ("videos", "audio"):
-            if kwargs.pop(unsupported, None) is not None:
+        for unsupported in ("videos", "audio", "audios"):
+            # Generic callers (lmms-eval, `apply_chat_template`) pass `videos=None` / `[]`; only actual content is refused.
+            if not _is_empty_media(kwargs.pop(unsupported, None)):
                 raise ValueError(f"SliME takes images and text only, got {unsupported}.")
-        if kwargs.pop("truncation", None):
-            raise ValueError("SliMEProcessor does not truncate prompts (they would lose image placeholders).")
+        truncation = kwargs.pop("truncation", None)
+        if truncation not in (None, False, True, "do_not_truncate", "longest_first", "only_first"):
+            raise ValueError(f"SliMEProcessor truncates the text at the end only; got truncation={truncation!r}.")
+        truncation = truncation not in (None, False, "do_not_truncate")
+        if truncation and max_length is None:
+            raise ValueError("truncation=True needs max_length (the number of text ids to keep).")
         if kwargs.pop("sanitize_control_tokens", False):
             raise ValueError("SliMEProcessor does not support sanitize_control_tokens.")
         if kwargs.pop("return_offsets_mapping", False):
@@ -803,6 +917,8 @@ class SliMEProcessor(ProcessorMixin):
                     "image(s) were given; give one image per placeholder."
                 )
             ids = [self.tokenize_prompt(t, add_special_tokens=add_special_tokens) for t in texts]
+            if truncation:
+                ids = [self._truncate(row, max_length, i, len(ids)) for i, row in enumerate(ids)]
             data.update(
                 self._pad(ids, padding, padding_side, max_length, pad_to_multiple_of, return_tensors is not None)
             )
@@ -816,6 +932,20 @@ class SliMEProcessor(ProcessorMixin):
             image_inputs = self.image_processor(flat_images, return_tensors=return_tensors, **images_kwargs)
             data.update(image_inputs)
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _truncate(self, ids: list[int], max_length: int, index: int, batch_size: int) -> list[int]:
+        """Cuts one row of text ids at the end to `max_length`; a cut that would drop an image placeholder raises."""
+        if len(ids) <= max_length:
+            return ids
+        lost = ids[max_length:].count(self.image_token_id)
+        if lost:
+            which = f"Sample {index}" if batch_size > 1 else "The sample"
+            raise ValueError(
+                f"{which} has {len(ids)} text ids; cutting them to max_length={max_length} would drop {lost} "
+                f"{self.image_token} placeholder(s) (SliMEProcessor truncates only after the last image). Raise "
+                "max_length or shorten the text."
+            )
+        return ids[:max_length]
 
     def _pad(
         self,

@@ -346,7 +346,7 @@ def test_errors(processors):
         processor(text=["fine", " "])
     with pytest.raises(ValueError, match="padding_side"):
         processor(text="hello", padding_side="middle")
-    with pytest.raises(ValueError, match="does not truncate"):
+    with pytest.raises(ValueError, match="truncation=True needs max_length"):
         processor(text="hello", truncation=True)
     # An image alone is a valid prompt.
     assert processor(text="<image>", images=_images(1))["input_ids"].tolist() == [[1, processor.image_token_id]]
