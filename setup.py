@@ -27,6 +27,6 @@ setup(
         "train": ["peft", "datasets"],
         "deepspeed": ["deepspeed"],
         "flash": ["flash-attn"],
-        "dev": ["pytest", "pytest-timeout", "matplotlib", "peft", "datasets", "trl>=1.15,<2"],
+        "dev": ["pytest", "pytest-timeout", "matplotlib", "peft", "datasets", "trl>=1.15,<2", "parameterized", "timeout-decorator"],
     },
 )
