@@ -1106,6 +1106,18 @@ class SliMEModel(SliMEPreTrainedModel):
             truncated_positions=truncated,
         )
 
+    def _embed_assembled(self, input_ids: torch.LongTensor, prompt_embeds: torch.Tensor, cache) -> torch.Tensor:
+        """Embeddings of the ids `generate` feeds: `input_ids` continue the cache, so they sit at positions
+        `cache length ...`; those inside the assembled prompt take its embeddings (image features included), the
+        rest (generated or candidate tokens) their token embeddings."""
+        past = int(cache.get_seq_length()) if cache is not None else 0
+        embeds = self.embed_tokens(input_ids)
+        inside = max(0, min(prompt_embeds.shape[1], past + input_ids.shape[1]) - past)
+        if not inside:
+            return embeds
+        prompt_part = prompt_embeds[:, past : past + inside].to(embeds.device, embeds.dtype)
+        return torch.cat([prompt_part, embeds[:, inside:]], dim=1)
+
     def _pad_id(self) -> int:
         for config in (self.config, self.config.text_config):
             if getattr(config, "pad_token_id", None) is not None:
@@ -1146,6 +1158,7 @@ class SliMEModel(SliMEPreTrainedModel):
         padding_side: str | None = None,
         cache: Any = None,
         return_dict: bool | None = None,
+        assembled_prompt_embeds: torch.FloatTensor | None = None,
         **kwargs,
     ) -> SliMEModelOutputWithPast | tuple:
         """Runs the vision path (if `pixel_values`), assembles the LLM input and runs the text model.
@@ -1163,9 +1176,18 @@ class SliMEModel(SliMEPreTrainedModel):
                 `"right"` when labels are given).
             return_dict (`bool`, *optional*): a [`SliMEModelOutputWithPast`] (default: `config.return_dict`) or a
                 tuple.
+            assembled_prompt_embeds (`torch.FloatTensor` of shape `(batch, assembled_length, hidden)`, *optional*):
+                set by `generate`: the assembled prompt whose ids are `input_ids`' leading positions (see
+                [`~SliMEForConditionalGeneration.generate`]).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if inputs_embeds is not None:
+        cache = cache if cache is not None else past_key_values
+        if assembled_prompt_embeds is not None and input_ids is not None:
+            prepared = SliMEPreparedInputs(
+                inputs_embeds=self._embed_assembled(input_ids, assembled_prompt_embeds, cache),
+                attention_mask=attention_mask,
+            )
+        elif inputs_embeds is not None:
             if input_ids is not None or pixel_values is not None:
                 raise ValueError("pass either input_ids (+ pixel_values) or inputs_embeds, not both")
             prepared = SliMEPreparedInputs(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels)
@@ -1183,7 +1205,6 @@ class SliMEModel(SliMEPreTrainedModel):
                     f"training rows longer than training_max_length={max_length} assembled positions are cut at the "
                     "end (the number of positions cut per row is in outputs.truncated_positions)"
                 )
-        cache = cache if cache is not None else past_key_values
         outputs = self.language_model(
             inputs_embeds=prepared.inputs_embeds,
             attention_mask=prepared.attention_mask,
@@ -1322,6 +1343,7 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         cache: Any = None,
         return_dict: bool | None = None,
+        assembled_prompt_embeds: torch.FloatTensor | None = None,
         **kwargs,
     ) -> SliMECausalLMOutputWithPast | tuple:
         """Logits (and the loss when `labels` are given) over the assembled sequence.
@@ -1354,6 +1376,7 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
             router_top_p=router_top_p,
             padding_side=padding_side,
             return_dict=True,
+            assembled_prompt_embeds=assembled_prompt_embeds,
             **kwargs,
         )
         hidden = outputs.last_hidden_state
@@ -1380,7 +1403,13 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
         return output if return_dict else output.to_tuple()
 
     def _get_candidate_generator(self, *args, **kwargs):
-        return _CandidatesWithoutImageIds(super()._get_candidate_generator(*args, **kwargs), self.config.image_token_id)
+        generator = super()._get_candidate_generator(*args, **kwargs)
+        image_token_id = self.config.image_token_id
+        if isinstance(getattr(generator, "vocab_size", None), int) and generator.vocab_size <= image_token_id:
+            # Prompt lookup checks each token it copies out of the prompt against logits `vocab_size` wide; the image
+            # id (the first id after the vocabulary) must be addressable there. The wrapper then cuts before it.
+            generator.vocab_size = image_token_id + 1
+        return _CandidatesWithoutImageIds(generator, image_token_id)
 
     def _check_assistant(self, assistant_model) -> None:
         if assistant_model is None:
@@ -1412,9 +1441,11 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
         are, with `return_dict_in_generate=True`; each prompt repeated once per returned sequence).
 
         The prompt is assembled once ([`~SliMEModel.prepare_multimodal_inputs`]) and handed to
-        [`~generation.GenerationMixin.generate`] as embeddings together with the matching assembled ids (the image
-        token id at every image position), so logits processors (`repetition_penalty`, ...), prompt lookup and
-        assisted decoding see the prompt's text. Consequences:
+        [`~generation.GenerationMixin.generate`] as the assembled ids (the image token id at every image position)
+        with the assembled embeddings as a model argument (`assembled_prompt_embeds`, repeated per returned sequence
+        like any model argument), so logits processors (`repetition_penalty`, ...), prompt lookup and assisted
+        decoding see the prompt's text, and every forward takes the prompt's embeddings for the positions it feeds.
+        Consequences:
 
         - `max_length` counts assembled positions (text plus image tokens); prefer `max_new_tokens`.
         - A streamer is fed the caller's `input_ids` as the prompt (or skips it, with `skip_prompt=True`).
@@ -1431,7 +1462,7 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
                 nucleus sampling).
             kwargs: any argument of [`~generation.GenerationMixin.generate`].
         """
-        if kwargs.get("inputs_embeds") is not None:
+        if kwargs.get("inputs_embeds") is not None or kwargs.get("assembled_prompt_embeds") is not None:
             # An already assembled prompt: a round of this model as its own assistant, or a caller's embeddings.
             if pixel_values is not None:
                 raise ValueError("pass either pixel_values (with input_ids) or inputs_embeds, not both")
@@ -1447,18 +1478,18 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
         cache_key = "cache" if kwargs.get("cache") is not None else "past_key_values"
         cache = kwargs.get(cache_key)
         if cache is not None and hasattr(cache, "get_seq_length"):
-            reusable = _reusable_cache_length(cache, prepared)
-            if reusable < int(cache.get_seq_length()):
+            reusable, cached = _reusable_cache_length(cache, prepared), int(cache.get_seq_length())
+            if reusable < cached:
                 if reusable and hasattr(cache, "crop"):
-                    cache.crop(reusable)
+                    cache.crop(reusable - cached)  # a negative count removes that many positions from the end
                 else:
                     cache.reset()
         if kwargs.get("streamer") is not None:
             kwargs["streamer"] = _PromptStreamer(kwargs["streamer"], input_ids)
         result = super().generate(
             input_ids=prepared.input_ids,
-            inputs_embeds=prepared.inputs_embeds,
             attention_mask=prepared.attention_mask,
+            assembled_prompt_embeds=prepared.inputs_embeds,
             **kwargs,
         )
         sequences = result if torch.is_tensor(result) else result.sequences
