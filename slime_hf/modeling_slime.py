@@ -355,7 +355,7 @@ class SliMEProjector(nn.Module):
 
 class SliMEGlobalAdapter(nn.Module):
     """The global view's adapter: a per-token softmax gate mixing the MLP expert `P(x)` and the attention expert
-    `P(R(x))` (R = resampler with one query per vision patch). The MLP expert is passed in, not owned."""
+    `P(R(x))` (R = resampler with one query per vision patch). The MLP expert is not owned: the model applies it."""
 
     def __init__(self, config: SliMEConfig):
         super().__init__()
@@ -379,16 +379,19 @@ class SliMEGlobalAdapter(nn.Module):
         top_gates = top_values / (top_values.sum(1, keepdim=True) + 1e-6)
         return torch.zeros_like(probs).scatter(1, top_indices, top_gates)
 
-    def forward(self, features: torch.Tensor, projector: SliMEProjector) -> torch.Tensor:
-        """features (N, 576, C) of global views -> (N, 576, d)."""
+    def forward(
+        self, features: torch.Tensor, mlp_out: torch.Tensor | None, attention_out: torch.Tensor | None
+    ) -> torch.Tensor:
+        """features (N, 576, C) of global views, and the experts' outputs (N, 576, d) that the mode uses: the MLP
+        expert `P(x)` and the attention expert `P(R(x))`. The caller applies the projector `P` (a module passed as
+        an argument would break accelerate's offload hooks). Returns (N, 576, d)."""
         if self.mode == "mlp":
-            return projector(features)
-        attention_out = projector(self.attention_expert(features))
+            return mlp_out
         if self.mode == "attention":
             return attention_out
         batch, length, width = features.shape
         gates = self.gates(features.reshape(batch * length, width)).reshape(batch, length, 2)
-        experts = torch.stack([projector(features), attention_out], dim=-1)
+        experts = torch.stack([mlp_out, attention_out], dim=-1)
         return torch.matmul(experts, gates.unsqueeze(-1)).squeeze(-1)
 
 
@@ -729,6 +732,15 @@ class SliMEModel(SliMEPreTrainedModel):
                              f"max_position_embeddings={limit}")
 
     # -- vision path --------------------------------------------------------------------------------------------
+    def global_tokens(self, features: torch.Tensor) -> torch.Tensor:
+        """features (N, 576, C) of global views -> the global adapter's tokens (N, 576, d)."""
+        mode = self.global_adapter.mode
+        attention_out = None
+        if mode != "mlp":
+            attention_out = self.projector(self.global_adapter.attention_expert(features))
+        mlp_out = self.projector(features) if mode != "attention" else None
+        return self.global_adapter(features, mlp_out, attention_out)
+
     def encode_views(
         self, views: torch.Tensor, output_hidden_states: bool = False, output_attentions: bool = False
     ) -> torch.Tensor | BaseModelOutputWithPooling:
@@ -843,7 +855,7 @@ class SliMEModel(SliMEPreTrainedModel):
         num_images = len(sizes)
         global_tokens = [None] * num_images
         if use_global:
-            global_out = self.global_adapter(features[:num_images], self.projector)
+            global_out = self.global_tokens(features[:num_images])
             global_tokens = list(global_out.unbind(0))
             features = features[num_images:]
 
@@ -932,7 +944,7 @@ class SliMEModel(SliMEPreTrainedModel):
         features = self.encode_views(torch.zeros(2, 3, tile, tile, device=input_ids.device)).to(dtype)
         total = features.new_zeros(())
         if not self.config.use_local_only:
-            total = total + self.global_adapter(features[:1], self.projector).sum()
+            total = total + self.global_tokens(features[:1]).sum()
         if not self.config.use_local_only and not self.config.use_global_only:
             total = total + self.separator_embedding(input_ids.device).to(dtype).sum()  # where the image path has it
         if not self.config.use_global_only:

@@ -26,15 +26,18 @@ def _golden_inputs(model, name: str = "single_3crop") -> tuple[dict, dict]:
     return inputs, golden
 
 
-@pytest.mark.parametrize("source", ["authors_layout", "saved"])
-def test_device_map_auto_loads_and_reproduces_the_golden(source, saved_folder, tmp_path):
-    """A memory cap forces accelerate to split the model (the rest offloaded to disk) at block boundaries."""
+@pytest.mark.parametrize("source, memory", [("authors_layout", "3MB"), ("saved", "3MB"), ("saved", "2MB")])
+def test_device_map_auto_loads_and_reproduces_the_golden(source, memory, saved_folder, tmp_path):
+    """A memory cap forces accelerate to split the model (the rest offloaded to disk) at block boundaries; at 2 MB
+    the projector and the global adapter are on disk too (each module is called with tensors only)."""
     path = gu.checkpoint_dir("V") if source == "authors_layout" else saved_folder
     model = SliMEForConditionalGeneration.from_pretrained(
-        path, dtype=torch.float32, device_map="auto", max_memory={"cpu": "3MB"}, offload_folder=str(tmp_path)
+        path, dtype=torch.float32, device_map="auto", max_memory={"cpu": memory}, offload_folder=str(tmp_path)
     ).eval()
     placements = set(model.hf_device_map.values())
     assert {"cpu", "disk"} <= placements, model.hf_device_map
+    if memory == "2MB":
+        assert model.hf_device_map["model.projector"] == model.hf_device_map["model.global_adapter"] == "disk"
     inputs, golden = _golden_inputs(model)
     generated = model.generate(**inputs, do_sample=False, max_new_tokens=24)
     assert generated[:, inputs["input_ids"].shape[1]:].tolist() == golden["generated_new_ids"]
