@@ -18,7 +18,8 @@ Weights are streamed: one input tensor at a time is read, renamed with the packa
 resamplers' position tables stay float16) and appended to the output shard on disk, so the model is never held in
 memory. Everything is written to a temporary folder beside the output and moved into place only after the
 verification (the output reloaded through the Auto classes in a process where `slime_hf` cannot be imported and
-compared with the package's own load of the input) passed.
+compared with the package's own load of the input) passed. An interrupted run removes that folder (Ctrl-C, SIGTERM,
+SIGHUP); one killed outright leaves it, and the next conversion to the same output removes it and says so.
 """
 
 from __future__ import annotations
@@ -29,10 +30,13 @@ import logging
 import os
 import re
 import shutil
+import signal
+import socket
 import struct
 import subprocess
 import sys
 import tempfile
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -854,18 +858,79 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+# Marks a staging folder as this converter's: who writes it, for which output. A run killed before its `finally`
+# (SIGKILL, power loss) leaves the folder behind; the next conversion to the same output removes it.
+STAGING_MARKER = ".slime-conversion-staging.json"
+
+
+def _staging_prefix(output: str) -> str:
+    return f".{os.path.basename(output)}.tmp-"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # another user's process, or a pid this platform cannot check: treat as alive
+    return True
+
+
+def _folder_size(folder: str) -> int:
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(folder) for f in files)
+
+
+def remove_stale_staging(output: str) -> None:
+    """Removes the staging folders beside `output` that an interrupted conversion to it left, and says so. Only
+    folders carrying this converter's marker, written on this host by a process that no longer runs, are removed
+    (and empty ones: killed before the marker); any other leftover is named and left alone."""
+    parent = os.path.dirname(output)
+    if not os.path.isdir(parent):
+        return
+    host = socket.gethostname()
+    for entry in sorted(os.listdir(parent)):
+        folder = os.path.join(parent, entry)
+        if not entry.startswith(_staging_prefix(output)) or not os.path.isdir(folder) or os.path.islink(folder):
+            continue
+        try:
+            with open(os.path.join(folder, STAGING_MARKER), encoding="utf-8") as handle:
+                owner = json.load(handle)
+        except (OSError, ValueError):
+            owner = None
+        if owner is None and not os.listdir(folder):
+            os.rmdir(folder)
+            logger.warning(f"removed {folder}, an empty staging folder left by an interrupted conversion")
+        elif not isinstance(owner, dict) or owner.get("output") != output:
+            logger.warning(f"{folder} looks like a conversion's staging folder but carries no marker of this "
+                           "converter for this output: left in place (remove it yourself if it is a leftover)")
+        elif owner.get("host") != host:
+            logger.warning(f"{folder} is the staging folder of a conversion on host {owner.get('host')!r} "
+                           f"(pid {owner.get('pid')}): left in place")
+        elif _process_alive(int(owner.get("pid", -1))):
+            logger.warning(f"{folder} is being written by a running conversion (pid {owner['pid']}): left in place")
+        else:
+            size = _folder_size(folder)
+            shutil.rmtree(folder)
+            logger.warning(f"removed {folder} ({size / 2**20:.1f} MB), the staging folder left by an interrupted "
+                           f"conversion (pid {owner['pid']})")
+
+
 def convert(args: argparse.Namespace) -> dict:
     """Runs a conversion: prepare, write into a temporary folder beside the output, verify, move into place, push."""
     output = os.path.abspath(args.output)
+    remove_stale_staging(output)
     if os.path.exists(output):
         raise ConversionError(f"the output {output} already exists; nothing was written (choose a new folder)")
     parse_size(args.max_shard_size)
     conversion = prepare(args)
     parent = os.path.dirname(output)
     os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=parent)
+    staging = tempfile.mkdtemp(prefix=_staging_prefix(output), dir=parent)
     report: dict = {"kind": conversion.kind}
     try:
+        with open(os.path.join(staging, STAGING_MARKER), "w", encoding="utf-8") as handle:
+            json.dump({"pid": os.getpid(), "host": socket.gethostname(), "output": output}, handle)
         write_output(conversion, staging, args)
         if not args.no_verify:
             if conversion.kind in ("adapters", "stage"):
@@ -874,6 +939,7 @@ def convert(args: argparse.Namespace) -> dict:
                 report.update(verify(conversion, staging, args))
         if os.path.exists(output):
             raise ConversionError(f"the output {output} appeared during the conversion; nothing was overwritten")
+        os.remove(os.path.join(staging, STAGING_MARKER))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(staging, 0o777 & ~umask)  # mkdtemp creates the folder private
@@ -888,10 +954,21 @@ def convert(args: argparse.Namespace) -> dict:
     return report
 
 
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (0 ok, 1 verification failed, 2 bad input)."""
+    """Command-line entry point; returns the exit status (0 ok, 1 verification failed, 2 bad input, 130
+    interrupted)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
+    # SIGTERM / SIGHUP (a scheduler's stop, a closed terminal) unwind like Ctrl-C, so the staging folder is removed.
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():  # the only thread that may set signal handlers
+        for number in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if number is not None:
+                handlers[number] = signal.signal(number, _raise_interrupt)
     try:
         convert(args)
     except VerificationError as error:
@@ -900,6 +977,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:  # ConversionError and the readers' ValueErrors: bad input
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
     return 0
 
 

@@ -266,6 +266,31 @@ def _is_slime_config(config_dict: dict) -> bool:
     return config_dict.get("model_type") == SliMEConfig.model_type or is_original_layout(config_dict)
 
 
+def read_slime_config(folder: str | os.PathLike) -> dict:
+    """
+    The `config.json` of a local SliME model folder (the package's layout or the authors'), checked before a model is
+    loaded from it, so that entry points report a bad folder by its path.
+
+    Raises:
+        `ValueError`: the folder does not exist, has no `config.json`, the file is not valid JSON, or its
+        `model_type` is not SliME's (`slime`, or the authors' `llava_llama` with `mm_vision_tower`).
+    """
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise ValueError(f"model folder not found: {folder}")
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{folder} has no config.json: not a model folder")
+    config_dict = read_json(path)
+    if not isinstance(config_dict, dict) or not _is_slime_config(config_dict):
+        model_type = config_dict.get("model_type") if isinstance(config_dict, dict) else None
+        raise ValueError(
+            f"{path} is a config of model_type {model_type!r}, not a SliME model (expected 'slime', or the authors' "
+            "'llava_llama' with mm_vision_tower)"
+        )
+    return config_dict
+
+
 def _check_slime_config(folder: str) -> dict:
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):

@@ -89,18 +89,40 @@ def load(model_id: str | None, device: str = "cpu", dtype: str = "float32"):
     from .modeling_slime import SliMEForConditionalGeneration
     from .processing_slime import SliMEProcessor
 
+    from .checkpoints import read_slime_config
+
     label = None
     if model_id is None:
         folder, label = build_demo_model(), DEMO_LABEL
-    elif os.path.isdir(model_id):
-        folder = Path(model_id)
+    elif os.path.isdir(model_id) or os.path.isabs(model_id) or model_id.startswith((".", "~")):
+        folder = Path(model_id)  # a local path, never a Hub id
     else:
         from huggingface_hub import snapshot_download
 
         folder = Path(snapshot_download(model_id))
+    if model_id is not None:
+        read_slime_config(folder)  # a missing folder, broken config.json or another model type, named by its path
     model = SliMEForConditionalGeneration.from_pretrained(folder, dtype=getattr(torch, dtype)).to(device).eval()
     processor = SliMEProcessor.from_pretrained(folder)
     return model, processor, label
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Rejects bad arguments before anything is loaded or printed."""
+    import torch
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.router_top_p is not None and not 0.0 < args.router_top_p <= 1.0:
+        raise ValueError(f"--router-top-p must be in (0, 1], got {args.router_top_p}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        raise ValueError(f"unknown device {args.device!r}: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {args.device!r} requested but CUDA is not available")
+    if not os.path.isfile(args.image):
+        raise ValueError(f"image file not found: {args.image}")
 
 
 class StageTimer:
@@ -137,8 +159,7 @@ def run(args: argparse.Namespace, out=sys.stdout) -> str:
 
     from .image_processing_slime import get_slice_grid
 
-    if not os.path.isfile(args.image):
-        raise ValueError(f"image file not found: {args.image}")
+    check_args(args)
     torch.manual_seed(DEMO_SEED)
     model, processor, label = load(args.model, args.device, args.dtype)
     if label:
@@ -226,8 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

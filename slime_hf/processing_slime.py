@@ -498,18 +498,43 @@ def tokenize_prompt_with_images(
     return input_ids
 
 
+def _is_tiktoken_file(data: bytes) -> bool:
+    """Whether a file's bytes are a tiktoken vocabulary (Llama-3's `tokenizer.model`): lines `<base64 token> <rank>`."""
+    import base64
+
+    lines = data.splitlines()[:100]
+    try:
+        for line in lines:
+            token, rank = line.split()
+            base64.b64decode(token, validate=True)
+            int(rank)
+    except ValueError:  # also binascii.Error
+        return False
+    return bool(lines)
+
+
 def _load_sentencepiece_proto(path: str | None) -> bytes | None:
-    """The file's bytes if it is a SentencePiece model (Llama-3's tiktoken `tokenizer.model` is not), else None."""
+    """The file's bytes if it is a SentencePiece model; None if there is no file or it is Llama-3's tiktoken
+    `tokenizer.model`. Anything else (corrupt, truncated, empty) is a `ValueError` naming the file: transformers would
+    otherwise build a wrong tokenizer from it, or ask for tiktoken."""
     if not path or not os.path.isfile(path):
         return None
     with open(path, "rb") as f:
         data = f.read()
     try:
         import sentencepiece as spm
-
+    except ImportError:
+        return None
+    try:
         spm.SentencePieceProcessor().LoadFromSerializedProto(data)
     except Exception:
-        return None
+        if _is_tiktoken_file(data):
+            return None
+        content = "empty" if not data else f"{len(data)} bytes that do not parse"
+        raise ValueError(
+            f"{path} is not a valid SentencePiece model ({content}): the file is corrupt or truncated; restore it "
+            "from the original checkpoint"
+        ) from None
     return data
 
 
@@ -1073,6 +1098,9 @@ class SliMEProcessor(ProcessorMixin):
         if has_processor_config or resolve("chat_template.jinja") or resolve("chat_template.json"):
             processor_dict, _ = cls.get_processor_dict(path, **file_kwargs)
 
+        # Checked before the tokenizer is built from it: a corrupt tokenizer.model is an error naming the file.
+        model_file = resolve(SENTENCEPIECE_MODEL_FILE)
+        model_proto = _load_sentencepiece_proto(model_file)
         tokenizer = kwargs.pop("tokenizer", None) or cls._load_tokenizer(path, resolve, hub_kwargs)
 
         image_processor = kwargs.pop("image_processor", None)
@@ -1080,8 +1108,6 @@ class SliMEProcessor(ProcessorMixin):
             image_processor = cls._load_image_processor(processor_dict.get("image_processor"), resolve, backend)
 
         legacy = kwargs.pop("sentencepiece_legacy", processor_dict.get("sentencepiece_legacy"))
-        model_file = resolve(SENTENCEPIECE_MODEL_FILE)
-        model_proto = _load_sentencepiece_proto(model_file)
         if legacy is None and model_proto is not None:
             # The authors' layout: the slow tokenizer read `legacy` from tokenizer_config.json (default True).
             config_file = resolve(_TOKENIZER_CONFIG_FILE)

@@ -16,14 +16,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from transformers import HfArgumentParser, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
 from .training.arguments import SliMEDataArguments, SliMEModelArguments, SliMETrainingArguments
 from .training.build import build_model_and_processor
 from .training.data import SliMEDataCollator, SliMEDataset, load_records
 from .training.stages import get_stage
-from .training.trainer import SliMETrainer
+from .training.trainer import CHECKPOINT_COMPLETE_NAME, SliMETrainer, is_complete_checkpoint, last_complete_checkpoint
 
 
 logger = logging.get_logger("slime_hf.train")
@@ -53,9 +52,18 @@ def parse_args(
     return parser.parse_args_into_dataclasses(args=argv)
 
 
+def _looks_like_a_file(path: str) -> bool:
+    # What cannot be a Hub dataset id: a JSON / JSONL name, or an explicitly local path.
+    return path.endswith((".json", ".jsonl")) or path.startswith((".", "~", os.sep)) or os.path.isabs(path)
+
+
 def load_training_data(data_args: SliMEDataArguments) -> Any:
     """LLaVA JSON / JSONL files, or one Hugging Face dataset (a `save_to_disk` folder or a Hub id)."""
     paths = data_args.data_path
+    for path in paths:
+        if not os.path.exists(path) and _looks_like_a_file(path):
+            # Before `datasets` would take it for a Hub id and report the Hub unreachable.
+            raise ValueError(f"training data file not found: {path} (looked in {os.path.abspath(path)})")
     if len(paths) == 1 and not os.path.isfile(paths[0]):
         import datasets
 
@@ -70,11 +78,21 @@ def _resume_target(training_args: SliMETrainingArguments) -> str | bool | None:
     value = training_args.resume_from_checkpoint
     if value is None or str(value).lower() in ("", "false", "none"):
         return None
+    output_dir = training_args.output_dir
     if str(value).lower() in ("true", "last"):
-        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        last, skipped = last_complete_checkpoint(output_dir) if os.path.isdir(output_dir) else (None, [])
+        for path, reason in skipped:
+            logger.warning(f"--resume_from_checkpoint {value}: skipping {path}: {reason}")
         if last is None:
-            raise ValueError(f"--resume_from_checkpoint {value}: no checkpoint in {training_args.output_dir}")
+            hint = " (pass a checkpoint's path to --resume_from_checkpoint to resume from it anyway)" if skipped else ""
+            raise ValueError(f"--resume_from_checkpoint {value}: no complete checkpoint in {output_dir}{hint}")
+        logger.warning(f"--resume_from_checkpoint {value}: resuming from {last}")
         return last
+    if not os.path.isdir(value):
+        raise ValueError(f"--resume_from_checkpoint {value}: no such checkpoint folder")
+    if not is_complete_checkpoint(value):
+        logger.warning(f"--resume_from_checkpoint {value}: it has no {CHECKPOINT_COMPLETE_NAME}, so its save may not "
+                       "have finished (or an older slime_hf wrote it)")
     return value
 
 
@@ -98,19 +116,23 @@ def main(argv: Sequence[str] | None = None, callbacks: list | None = None) -> Sl
         # before the Trainer) reads its world size from there.
         if not deepspeed.comm.is_initialized():
             deepspeed.init_distributed()
+    # Before the model is built: a bad data file or resume target fails fast.
+    resume_from_checkpoint = _resume_target(training_args)
+    records = load_training_data(data_args)
     # Seeded before the model is built, so that freshly initialised adapters are reproducible.
     set_seed(training_args.seed)
     model, processor = build_model_and_processor(model_args, training_args)
     stage = get_stage(training_args.stage)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     dataset = SliMEDataset(
-        load_training_data(data_args),
+        records,
         data_args.image_folder,
         processor,
         template=data_args.template or stage.default_template,
         model_max_length=training_args.model_max_length,
         model_config=base.config,
         skip_bad_samples=data_args.skip_bad_samples,
+        allow_images_outside_folder=data_args.allow_images_outside_folder,
     )
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     logger.info(
@@ -130,7 +152,7 @@ def main(argv: Sequence[str] | None = None, callbacks: list | None = None) -> Sl
     if trainer.is_deepspeed_enabled:
         engine += f" ZeRO-{trainer.accelerator.state.deepspeed_plugin.zero_stage}"
     logger.info(f"distributed setup: {engine} over {training_args.world_size} process(es)")
-    trainer.train(resume_from_checkpoint=_resume_target(training_args))
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     trainer.save_model()
     trainer.save_state()
     if dataset.num_truncated or dataset.num_skipped or dataset.num_label_fixes:
@@ -141,5 +163,20 @@ def main(argv: Sequence[str] | None = None, callbacks: list | None = None) -> Sl
     return trainer
 
 
+def cli(argv: Sequence[str] | None = None) -> int:
+    """`python -m slime_hf.train`: bad input (arguments, paths, data, a sample) ends with a one-line `error: ...` on
+    stderr and exit status 2, without a traceback (`--log_level debug` logs it)."""
+    try:
+        main(argv)
+    except (ValueError, OSError) as error:
+        logger.debug("traceback of the error below", exc_info=True)
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

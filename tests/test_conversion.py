@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -501,6 +503,53 @@ def test_a_plain_language_model_is_not_a_release(converter, tmp_path, capsys):
     base = build_base_llm("V", tmp_path / "base")
     assert converter.main(["--input", str(base), "--output", str(tmp_path / "out")]) == 2
     assert "model_type 'llama', not a SliME checkpoint (expected" in capsys.readouterr().err
+
+
+KILL_AFTER_WRITING = """
+import importlib.util, os, signal, sys
+spec = importlib.util.spec_from_file_location("convert_slime_to_hf", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = module
+spec.loader.exec_module(module)
+write_output = module.write_output
+
+def killed(conversion, staging, args):
+    write_output(conversion, staging, args)
+    os.kill(os.getpid(), getattr(signal, sys.argv[2]))  # the staging folder is full, nothing is moved into place
+
+module.write_output = killed
+sys.exit(module.main(sys.argv[3:]))
+"""
+
+
+def test_a_killed_conversion_leaves_a_staging_folder_that_the_next_run_removes(converter, tmp_path, caplog):
+    argv = ["--input", str(gu.checkpoint_dir("V")), "--no-verify"]
+    env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT), HF_HUB_OFFLINE="1")
+
+    def run_killed(signal_name: str, output: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", KILL_AFTER_WRITING, str(SCRIPT), signal_name, *argv, "--output",
+                               str(output)], env=env, capture_output=True, text=True, timeout=300)
+
+    # SIGTERM unwinds: the staging folder is removed at once.
+    terminated = run_killed("SIGTERM", tmp_path / "term")
+    assert terminated.returncode == 130 and "interrupted" in terminated.stderr, terminated.stderr[-2000:]
+    assert not (tmp_path / "term").exists() and _no_leftovers(tmp_path, "term")
+
+    # SIGKILL cannot be caught: the staging folder stays, and the next conversion to that output removes it.
+    output = tmp_path / "out"
+    killed = run_killed("SIGKILL", output)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    stale = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+    assert len(stale) == 1 and any(stale[0].glob("*.safetensors"))
+    foreign = tmp_path / ".out.tmp-not-ours"  # same name pattern, no marker of this converter: never deleted
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    with caplog.at_level(logging.WARNING):
+        assert converter.main([*argv, "--output", str(output)]) == 0
+    assert f"removed {stale[0]} (" in caplog.text and "left by an interrupted conversion" in caplog.text
+    assert f"{foreign} looks like a conversion's staging folder" in caplog.text
+    assert not stale[0].exists() and (foreign / "keep.txt").read_text() == "mine"
+    assert output.is_dir() and not (output / converter.STAGING_MARKER).exists()
 
 
 @pytest.mark.slow

@@ -75,3 +75,44 @@ def test_demo_bad_input_is_one_line_without_traceback(demo_folder, args, message
     assert "Traceback" not in result.stderr
     assert message in result.stderr
     assert len([line for line in result.stderr.splitlines() if line.startswith(("error", "usage"))]) >= 1
+
+
+def _broken_copies(demo_folder: Path, root: Path) -> dict[str, Path]:
+    import json
+    import shutil
+
+    folders = {}
+    for name in ("broken", "llama"):
+        folders[name] = root / name
+        shutil.copytree(demo_folder, folders[name])
+    (folders["broken"] / "config.json").write_text('{"model_type": "slime",')
+    config = json.loads((demo_folder / "config.json").read_text())
+    (folders["llama"] / "config.json").write_text(json.dumps(dict(config, model_type="llama")))
+    return folders
+
+
+def test_demo_rejects_bad_arguments_and_models_before_printing_anything(demo_folder, tmp_path, monkeypatch, capsys):
+    """One `error:` line, status 2, nothing on stdout (no `answer:` before the refusal), for arguments checked up
+    front, a device this torch lacks, a missing model folder, a broken config.json and another model type."""
+    import torch
+
+    from slime_hf import demo
+
+    monkeypatch.setenv("SLIME_DEMO_DIR", str(demo_folder))
+    folders = _broken_copies(demo_folder, tmp_path)
+    cases = [
+        (["--router-top-p", "2"], "--router-top-p must be in (0, 1], got 2.0"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
+        (["--device", "nodevice"], "unknown device 'nodevice'"),
+        (["--model", str(tmp_path / "missing")], f"model folder not found: {tmp_path / 'missing'}"),
+        (["--model", str(folders["broken"])], f"{folders['broken'] / 'config.json'} is not valid JSON"),
+        (["--model", str(folders["llama"])], "model_type 'llama', not a SliME model"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "device 'cuda' requested but CUDA is not available"))
+    for args, message in cases:
+        capsys.readouterr()
+        assert demo.main(args) == 2, args
+        out, err = capsys.readouterr()
+        assert out == "", (args, out)
+        assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, (args, err)

@@ -16,6 +16,7 @@ from slime_hf import SliMEProcessor
 from slime_hf.training import SliMEDataCollator, SliMEDataset
 from slime_hf.training.data import (
     IGNORE_INDEX,
+    load_records,
     normalize_record,
     original_arithmetic_labels,
     render_conversation,
@@ -181,6 +182,50 @@ def test_corrupt_image_is_refused_or_skipped_and_counted(tmp_path):
     assert items[0] is None and lenient.num_skipped == 1
     batch = SliMEDataCollator(processor("V"))(items)
     assert batch["input_ids"].shape[0] == 1 and batch["pixel_values"].shape[0] == 1
+
+
+def test_images_outside_the_image_folder_are_refused_unless_allowed(tmp_path):
+    """A data file cannot make training read files outside --image_folder (an absolute path, '../'): the sample is
+    refused when it is read, or skipped and counted; --allow_images_outside_folder permits it."""
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    Image.open(IMAGE_FOLDER / "odd_337x211.png").save(tmp_path / "outside.png")
+    Image.open(IMAGE_FOLDER / "odd_337x211.png").save(folder / "sub" / "inside.png")
+    records = (_records(image=str(tmp_path / "outside.png")) + _records(id="s1", image="../outside.png")
+               + _records(id="s2", image="sub/../sub/inside.png"))
+    strict = SliMEDataset(records, folder, processor("V"), "vicuna_v1")
+    for index, sample_id in ((0, "s0"), (1, "s1")):
+        with pytest.raises(ValueError, match=f"sample '{sample_id}'.*outside the image folder.*"
+                                             "--allow_images_outside_folder"):
+            strict[index]
+    assert strict[2]["pixel_values"].shape[0] == 1  # '..' that stays inside is fine
+    lenient = SliMEDataset(records, folder, processor("V"), "vicuna_v1", skip_bad_samples=True)
+    assert [lenient[i] is None for i in range(3)] == [True, True, False] and lenient.num_skipped == 2
+    allowed = SliMEDataset(records, folder, processor("V"), "vicuna_v1", allow_images_outside_folder=True)
+    assert all(allowed[i]["pixel_values"].shape[0] == 1 for i in range(3))
+
+
+@pytest.mark.parametrize("conversations, message", [
+    ([], "has an empty 'conversations' list"),
+    ("hello", "'conversations' must be a list of turns, got str"),
+    (None, "has no 'conversations' list"),
+])
+def test_missing_empty_or_mistyped_conversations_are_told_apart(conversations, message):
+    record = _records(conversations=conversations)[0]
+    if conversations is None:
+        del record["conversations"]
+    with pytest.raises(ValueError, match="sample 's0'") as error:
+        normalize_record(record, 0)
+    assert message in str(error.value)
+
+
+def test_malformed_json_names_the_file_and_line(tmp_path):
+    (tmp_path / "bad.json").write_text('[{"id": 1,,}]')
+    (tmp_path / "bad.jsonl").write_text('{"id": 1}\n{"id": 2,,}\n')
+    with pytest.raises(ValueError, match=r"bad\.json is not valid JSON: .*line 1"):
+        load_records(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match=r"bad\.jsonl, line 2: not valid JSON"):
+        load_records(tmp_path / "bad.jsonl")
 
 
 LONG_ANSWER = " ".join(["stripes"] * 300)

@@ -1,4 +1,5 @@
-"""The stages end to end through `python -m slime_hf.train`: 1a -> 1b -> 2 -> 3, LoRA, and resuming a killed run."""
+"""The stages end to end through `python -m slime_hf.train`: 1a -> 1b -> 2 -> 3, LoRA, and resuming a run killed while
+saving a checkpoint."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from conftest import FIXTURES, PROJECT_ROOT
 from slime_hf import SliMEForConditionalGeneration
 from slime_hf.checkpoints import ADAPTER_WEIGHTS_NAME, LoraAdapter, load_non_lora_trainables
 from slime_hf.training.build import build_from_text_model
+from slime_hf.training.trainer import CHECKPOINT_COMPLETE_NAME
 from training_helpers import IMAGE_FOLDER, common_cli_args, make_base_llm, run_train_cli, write_samples
 
 
@@ -200,21 +202,24 @@ def test_lora_fine_tune_of_a_release(workspace):
     assert (expected - original).abs().max().item() > 1e-4
 
 
-KILL_AT_SAVE = """
+KILL_DURING_SAVE = """
 import os, sys
-from transformers import TrainerCallback
 from slime_hf.train import main
+from slime_hf.training.trainer import SliMETrainer
 
-class Kill(TrainerCallback):
-    def on_save(self, args, state, control, **kwargs):
-        if state.global_step == int(os.environ["KILL_AT_STEP"]):
-            os._exit(3)
+save_optimizer = SliMETrainer._save_optimizer_and_scheduler
 
-main(sys.argv[1:], callbacks=[Kill()])
+def killed_while_saving(self, output_dir):
+    if self.state.global_step == int(os.environ["KILL_AT_STEP"]):
+        os._exit(3)  # this checkpoint's adapter weights are written; optimizer, RNG and trainer state are not
+    save_optimizer(self, output_dir)
+
+SliMETrainer._save_optimizer_and_scheduler = killed_while_saving
+main(sys.argv[1:])
 """
 
 
-def test_killed_run_resumes_to_identical_weights(workspace):
+def test_run_killed_while_saving_resumes_from_the_last_complete_checkpoint_to_identical_weights(workspace):
     samples = json.loads((workspace / "plain.json").read_text())
     (workspace / "plain4.json").write_text(json.dumps(samples + [dict(samples[0], id="plain-3")]))
     args = ["--stage", "1a", "--model_name_or_path", str(workspace / "base_V"), "--vision_tower",
@@ -226,14 +231,21 @@ def test_killed_run_resumes_to_identical_weights(workspace):
 
     killed = workspace / "killed"
     env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT), KILL_AT_STEP="4", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-c", KILL_AT_SAVE, *args, *common_cli_args(killed, seed=SEED, **options)],
+    result = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, *args,
+                             *common_cli_args(killed, seed=SEED, **options)],
                             cwd=workspace, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 3, result.stderr[-3000:]
     assert sorted(p.name for p in killed.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-2",
                                                                                             "checkpoint-4"]
-    assert {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", ADAPTER_WEIGHTS_NAME} <= set(
-        os.listdir(killed / "checkpoint-4"))
-    run_train_cli(args + common_cli_args(killed, seed=SEED, resume_from_checkpoint="true", **options), cwd=workspace)
+    assert {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", ADAPTER_WEIGHTS_NAME,
+            CHECKPOINT_COMPLETE_NAME} <= set(os.listdir(killed / "checkpoint-2"))
+    half_written = set(os.listdir(killed / "checkpoint-4"))
+    assert ADAPTER_WEIGHTS_NAME in half_written and not half_written & {"optimizer.pt", CHECKPOINT_COMPLETE_NAME}
+    resumed = run_train_cli(args + common_cli_args(killed, seed=SEED, resume_from_checkpoint="true", **options),
+                            cwd=workspace)
+    assert f"skipping {killed / 'checkpoint-4'}: its save did not finish" in resumed.stderr
+    assert f"resuming from {killed / 'checkpoint-2'}" in resumed.stderr
+    assert all((killed / f"checkpoint-{step}" / CHECKPOINT_COMPLETE_NAME).is_file() for step in (2, 4, 6))
 
     expected = load_file(str(uninterrupted / ADAPTER_WEIGHTS_NAME))
     actual = load_file(str(killed / ADAPTER_WEIGHTS_NAME))

@@ -70,7 +70,11 @@ class SliMEDataArguments:
         data_split (`str`, *optional*, defaults to `"train"`):
             Split of a Hugging Face dataset.
         skip_bad_samples (`bool`, *optional*, defaults to `False`):
-            Skip and count unusable samples (missing or corrupt image, cut through an image) instead of stopping.
+            Skip and count unusable samples (missing or corrupt image, cut through an image, an image outside
+            `image_folder`) instead of stopping.
+        allow_images_outside_folder (`bool`, *optional*, defaults to `False`):
+            Read sample images that leave `image_folder` (an absolute path, `../`); by default such a sample is
+            refused, so a data file cannot make training read arbitrary files.
     """
 
     data_path: list[str] = field(default=None, metadata={"help": "LLaVA JSON/JSONL file(s) or a HF dataset"})
@@ -78,6 +82,9 @@ class SliMEDataArguments:
     template: str | None = field(default=None, metadata={"help": "plain, vicuna_v1 or llama3 (default per stage)"})
     data_split: str = field(default="train", metadata={"help": "split of a Hugging Face dataset"})
     skip_bad_samples: bool = field(default=False, metadata={"help": "skip and count unusable samples"})
+    allow_images_outside_folder: bool = field(
+        default=False, metadata={"help": "read sample images outside --image_folder (absolute paths, '../')"}
+    )
 
     def __post_init__(self):
         if not self.data_path:

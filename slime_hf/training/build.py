@@ -9,7 +9,6 @@ output). Then the stage switches and `requires_grad` are set, and stage 3 may wr
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -36,8 +35,11 @@ def _read_config_dict(path: str) -> dict | None:
     """The `config.json` of a local folder or Hub repo, or `None` if it has none."""
     local = os.path.join(path, "config.json")
     if os.path.isfile(local):
-        with open(local, encoding="utf-8") as handle:
-            return json.load(handle)
+        from ..checkpoints import read_json
+
+        return read_json(local)  # a broken file is an error naming it
+    if os.path.isdir(path) or os.path.isabs(path) or path.startswith((".", "~")):
+        return None  # a local path: never looked up on the Hub
     try:
         config_dict, _ = AutoConfig.get_config_dict(path)
     except Exception:  # noqa: BLE001 - no config: not a model folder the caller can use
@@ -249,6 +251,14 @@ def build_model_and_processor(model_args: Any, training_args: Any) -> tuple[Any,
         training_args ([`SliMETrainingArguments`]): the stage and LoRA settings.
     """
     path = model_args.model_name_or_path
+    if _read_config_dict(path) is None:
+        # Said here, before the text-model branch would call it "a text model" missing --vision_tower.
+        if os.path.isdir(path):
+            raise ValueError(f"--model_name_or_path {path} has no config.json: not a model folder")
+        if os.path.isabs(path) or path.startswith((".", "~")):
+            raise ValueError(f"--model_name_or_path {path}: no such folder")
+        raise ValueError(f"--model_name_or_path {path}: no such folder, and no model of that id on the Hub (or in "
+                         "its cache)")
     if is_slime_checkpoint(path):
         load_kwargs = {"dtype": _torch_dtype(model_args.dtype)}
         if model_args.attn_implementation is not None:

@@ -71,9 +71,18 @@ def load_records(data_path: str | os.PathLike | Sequence) -> list[dict] | Any:
             raise ValueError(f"training data file not found: {path}")
         with open(path, encoding="utf-8") as handle:
             if path.endswith(".jsonl"):
-                records = [json.loads(line) for line in handle if line.strip()]
+                records = []
+                for number, line in enumerate(handle, 1):
+                    if line.strip():
+                        try:
+                            records.append(json.loads(line))
+                        except json.JSONDecodeError as error:
+                            raise ValueError(f"{path}, line {number}: not valid JSON: {error}") from None
             else:
-                records = json.load(handle)
+                try:
+                    records = json.load(handle)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path} is not valid JSON: {error}") from None
         if not isinstance(records, list):
             raise ValueError(f"{path} must hold a list of samples (LLaVA JSON) or one sample per line (JSONL)")
         return records
@@ -101,8 +110,10 @@ class Conversation:
 
 def normalize_record(record: dict, index: int) -> Conversation:
     """Validates one LLaVA record and maps its roles; the original's `<image>` placement is applied here."""
-    sample_id = str(record.get("id", index))
+    sample_id = str(record.get("id", index)) if isinstance(record, dict) else str(index)
     where = f"sample {sample_id!r} (index {index})"
+    if not isinstance(record, dict):
+        raise SampleError(f"{where} must be a JSON object (id, image, conversations), got {type(record).__name__}")
     images = record.get("image", record.get("images"))
     if images is None or (isinstance(images, str) and not images):
         images = []
@@ -110,8 +121,12 @@ def normalize_record(record: dict, index: int) -> Conversation:
         images = [images]
     images = [image for image in images if image is not None]
     raw_turns = record.get("conversations")
-    if not isinstance(raw_turns, list) or not raw_turns:
+    if raw_turns is None:
         raise SampleError(f"{where} has no 'conversations' list")
+    if not isinstance(raw_turns, list):
+        raise SampleError(f"{where}: 'conversations' must be a list of turns, got {type(raw_turns).__name__}")
+    if not raw_turns:
+        raise SampleError(f"{where} has an empty 'conversations' list (no turn to learn from)")
     turns = []
     for turn in raw_turns:
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
@@ -299,6 +314,14 @@ def image_token_bound(config: Any | None, num_local_crops: int) -> int:
     return tokens + (1 if use_global and use_local else 0)
 
 
+def _leaves_folder(relative: str) -> bool:
+    """Whether an image path, joined to the image folder, points outside it (absolute, or `..` above it)."""
+    if os.path.isabs(relative) or os.path.splitdrive(relative)[0]:
+        return True
+    normalized = os.path.normpath(relative)
+    return normalized == os.pardir or normalized.startswith(os.pardir + os.sep)
+
+
 def _log_count(kind: str, count: int, message: str) -> None:
     # Every event is logged at INFO; WARNING for the first ten and then at each power of ten, so that a large run
     # neither hides nor floods them.
@@ -335,8 +358,11 @@ class SliMEDataset(Dataset):
             The model's config (stage switches) for the image token budgets; without it the full budget is assumed.
         skip_bad_samples (`bool`, *optional*, defaults to `False`):
             Skip (return `None`, dropped by the collator) and count samples that cannot be used: missing or corrupt
-            image, malformed conversation, cut through an image. By default they raise a `ValueError` naming the
-            sample.
+            image, an image outside `image_folder`, malformed conversation, cut through an image. By default they
+            raise a `ValueError` naming the sample.
+        allow_images_outside_folder (`bool`, *optional*, defaults to `False`):
+            Read image paths that leave `image_folder` (absolute, or with `..` above it). By default such a sample is
+            refused when it is read, so a data file cannot point training at arbitrary files.
 
     Attributes:
         num_truncated (`int`): samples whose text was cut at the end so far (in this process); cuts of the assembled
@@ -354,6 +380,7 @@ class SliMEDataset(Dataset):
         model_max_length: int = 2048,
         model_config: Any | None = None,
         skip_bad_samples: bool = False,
+        allow_images_outside_folder: bool = False,
     ):
         self.records = load_records(data_path)
         self.image_folder = None if image_folder is None else os.fspath(image_folder)
@@ -362,6 +389,7 @@ class SliMEDataset(Dataset):
         self.model_max_length = int(model_max_length)
         self.model_config = model_config
         self.skip_bad_samples = skip_bad_samples
+        self.allow_images_outside_folder = allow_images_outside_folder
         self.num_truncated = 0
         self.num_skipped = 0
         self.num_label_fixes = 0
@@ -395,7 +423,13 @@ class SliMEDataset(Dataset):
         if isinstance(image, dict):  # an undecoded `datasets.Image` value
             image = image.get("bytes") or image.get("path")
         if isinstance(image, (str, os.PathLike)) and self.image_folder is not None:
-            image = os.path.join(self.image_folder, os.fspath(image))
+            relative = os.fspath(image)
+            if not self.allow_images_outside_folder and _leaves_folder(relative):
+                raise SampleError(
+                    f"{where}: image {relative!r} is outside the image folder {self.image_folder} (an absolute path "
+                    "or '..' above it); pass --allow_images_outside_folder true to read it"
+                )
+            image = os.path.join(self.image_folder, relative)
         try:
             return load_image(image)
         except (ValueError, OSError) as error:

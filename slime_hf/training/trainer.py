@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from typing import Any
 
 import torch
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 
 from .build import load_adapter_weights_into
@@ -18,6 +21,41 @@ logger = logging.get_logger(__name__)
 
 NON_LORA_TRAINABLES_NAME = "non_lora_trainables.safetensors"
 TRAINING_ARGS_NAME = "training_args.bin"
+# Written last into a `checkpoint-N` folder, once every file of its save is on disk: a folder without it was cut short
+# (a kill during the save) and is never resumed from by `--resume_from_checkpoint true`.
+CHECKPOINT_COMPLETE_NAME = "checkpoint_complete.json"
+_CHECKPOINT_FOLDER = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+def is_complete_checkpoint(folder: str | os.PathLike) -> bool:
+    """Whether a `checkpoint-N` folder's save finished (it holds [`CHECKPOINT_COMPLETE_NAME`])."""
+    return os.path.isfile(os.path.join(folder, CHECKPOINT_COMPLETE_NAME))
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> tuple[str | None, list[tuple[str, str]]]:
+    """
+    The newest complete `checkpoint-N` of a run's output folder, and the newer ones passed over.
+
+    Args:
+        output_dir (`str` or `os.PathLike`): the run's `--output_dir`.
+
+    Returns:
+        `tuple`: the checkpoint's path (`None` if there is no complete one) and, newest first, `(path, reason)` for
+        every newer `checkpoint-N` that was skipped.
+    """
+    output_dir = os.fspath(output_dir)
+    steps = []
+    for name in os.listdir(output_dir):
+        match = _CHECKPOINT_FOLDER.match(name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            steps.append((int(match.group(1)), os.path.join(output_dir, name)))
+    skipped = []
+    for _, path in sorted(steps, reverse=True):
+        if is_complete_checkpoint(path):
+            return path, skipped
+        skipped.append((path, f"its save did not finish (no {CHECKPOINT_COMPLETE_NAME}: the run was stopped while "
+                              "saving it)"))
+    return None, skipped
 
 
 def _unwrap_peft(model: Any) -> Any:
@@ -43,7 +81,9 @@ class SliMETrainer(Trainer):
       `slime_adapters.safetensors` + `config.json`, at every checkpoint and at the end (gathered under ZeRO-3 / FSDP
       full state dicts); stage 3 writes a full `save_pretrained` folder with the processor and a model card; with
       LoRA, `adapter_model.safetensors` + `non_lora_trainables.safetensors` (package names) + config and processor.
-      `resume_from_checkpoint` restores weights, optimizer, scheduler, RNG and data position.
+      `resume_from_checkpoint` restores weights, optimizer, scheduler, RNG and data position. A `checkpoint-N`
+      folder gets `checkpoint_complete.json` once all of it is written (before older ones are rotated away);
+      `python -m slime_hf.train --resume_from_checkpoint true` resumes from the newest such folder.
     - DeepSpeed ZeRO-3: every rank calls the same modules in the same order on every step (a batch without images
       runs the model's dummy image where an image batch runs its vision path, and the token embedding is looked up
       once per forward), so the collective parameter gathers match across ranks. The adapters are not declared ZeRO-3
@@ -206,6 +246,24 @@ class SliMETrainer(Trainer):
             training=training,
         )
 
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        # The parent deletes old checkpoints (`save_total_limit`) at its end: that waits until this one is marked
+        # complete, so a kill in between never leaves the run without a complete checkpoint.
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        run_dir = self._get_output_dir(trial=trial)
+        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        self.accelerator.wait_for_everyone()  # every process's shards, optimizer and RNG states are written
+        if self.args.should_save:
+            with open(os.path.join(folder, CHECKPOINT_COMPLETE_NAME), "w", encoding="utf-8") as handle:
+                json.dump({"global_step": self.state.global_step}, handle)
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
     # -- resuming ---------------------------------------------------------------------------------------------------
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         target = model if model is not None else self.model
@@ -235,4 +293,9 @@ class SliMETrainer(Trainer):
             load_adapter_weights_into(model, weights, source)
 
 
-__all__ = ["SliMETrainer"]
+__all__ = [
+    "CHECKPOINT_COMPLETE_NAME",
+    "SliMETrainer",
+    "is_complete_checkpoint",
+    "last_complete_checkpoint",
+]
