@@ -471,14 +471,15 @@ class SliMEImageFeatures(BaseModelOutputWithPooling):
 
     Args:
         last_hidden_state (`torch.FloatTensor` of shape `(num_views, num_patches, vision_hidden)`): the vision
-            tower's features of `config.vision_feature_layer` (CLS dropped) for every real view of the batch, global
-            views first, then each image's local crops.
+            tower's features of `config.vision_feature_layer` (CLS dropped) for every real view of the batch, image
+            by image (its global view, then its local crops).
         pooler_output (`list[torch.FloatTensor]`): per image, the token block the LLM sees in place of its
             `<image>`: `[global (576); separator (1); kept local]` (or one part only under the stage switches). Without
             text to route against, every local token is kept: the features before routing. Also `image_features`.
-        hidden_states (`tuple(torch.FloatTensor)`, *optional*): the vision tower's hidden states, with
-            `output_hidden_states=True`.
-        attentions (`tuple(torch.FloatTensor)`, *optional*): the vision tower's attentions, with `output_attentions=True`.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*): the vision tower's hidden states (views in the same
+            order), with `output_hidden_states=True` (default: `config.output_hidden_states`).
+        attentions (`tuple(torch.FloatTensor)`, *optional*): the vision tower's attentions, with `output_attentions=True`
+            (default: `config.output_attentions`).
         selected_indices (`list[torch.LongTensor]`): per image, kept positions in the merged local raster
             (empty under `use_global_only`).
         image_token_budget (`list[dict]`): per image, `global`, `separator`, `local_kept`, `local_total`, `total`.
@@ -563,12 +564,20 @@ class SliMECausalLMOutputWithPast(_CausalLMOutputWithPast):
             `local_total`, `total`.
         truncated_positions (`torch.LongTensor` of shape `(batch,)`, *optional*): with labels and
             `config.training_max_length`, the positions cut from the end of each assembled row.
+        log_probs, entropy, is_top1, label_mask (`torch.Tensor` of shape `(batch, assembled_length - 1)`, *optional*):
+            with `fused_lm_head=True` (trl's protocol): per next-token label of the assembled sequence, its
+            log-probability, the entropy of the distribution, whether it is the argmax, and whether it is a target;
+            zero / False where the label is -100.
     """
 
     attention_mask: torch.LongTensor | None = None
     selected_indices: list | None = None
     image_token_budget: list | None = None
     truncated_positions: torch.LongTensor | None = None
+    log_probs: torch.FloatTensor | None = None
+    entropy: torch.FloatTensor | None = None
+    is_top1: torch.BoolTensor | None = None
+    label_mask: torch.BoolTensor | None = None
 
 
 def _image_outputs_field(image_outputs: SliMEImageFeatures | None) -> dict:
@@ -828,6 +837,10 @@ class SliMEModel(SliMEPreTrainedModel):
         config = self.config
         sizes = self._check_image_inputs(pixel_values, image_sizes)
         routed = input_ids is not None
+        if output_hidden_states is None:
+            output_hidden_states = config.output_hidden_states
+        if output_attentions is None:
+            output_attentions = config.output_attentions
         top_p = config.router_top_p if router_top_p is None else float(router_top_p)
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"router_top_p must be in (0, 1], got {top_p}")
@@ -903,11 +916,17 @@ class SliMEModel(SliMEPreTrainedModel):
             blocks.append(torch.cat(parts))
             budgets.append(budget)
         empty = torch.empty(0, dtype=torch.long, device=pixel_values.device)
+        # The tower ran global views first, then every image's crops; the outputs list each image's views together.
+        per_image_order = self._views_by_image(view_counts, use_global, use_local, pixel_values.device)
+
+        def by_image(tensors):
+            return None if tensors is None else tuple(t[per_image_order] for t in tensors)
+
         output = SliMEImageFeatures(
-            last_hidden_state=selected_features,
+            last_hidden_state=selected_features[per_image_order],
             pooler_output=blocks,
-            hidden_states=None if torch.is_tensor(tower_out) else tower_out.hidden_states,
-            attentions=None if torch.is_tensor(tower_out) else tower_out.attentions,
+            hidden_states=None if torch.is_tensor(tower_out) else by_image(tower_out.hidden_states),
+            attentions=None if torch.is_tensor(tower_out) else by_image(tower_out.attentions),
             selected_indices=kept_list if use_local else [empty] * num_images,
             image_token_budget=budgets,
             router_scores=scores_list or None,
@@ -916,6 +935,22 @@ class SliMEModel(SliMEPreTrainedModel):
         )
         return_dict = return_dict if return_dict is not None else config.return_dict
         return output if return_dict else output.to_tuple()
+
+    @staticmethod
+    def _views_by_image(
+        view_counts: list[int], use_global: bool, use_local: bool, device: torch.device
+    ) -> torch.Tensor:
+        """Indices that reorder the tower's batch (global views, then all crops) into each image's views in turn."""
+        num_images = len(view_counts)
+        crop_start = num_images if use_global else 0
+        order = []
+        for index, count in enumerate(view_counts):
+            if use_global:
+                order.append(index)
+            if use_local:
+                order.extend(range(crop_start, crop_start + count))
+                crop_start += count
+        return torch.tensor(order, dtype=torch.long, device=device)
 
     def embed_tokens(self, input_ids: torch.LongTensor) -> torch.Tensor:
         """Token embeddings of `input_ids`, image tokens embedded as id 0 (their positions take image features).
@@ -1302,6 +1337,27 @@ def _reusable_cache_length(cache, prepared: SliMEPreparedInputs) -> int:
     return length if bool(same.all()) else int((~same).float().argmax())
 
 
+def _is_trl_fused_forward(forward: Any) -> bool:
+    """Whether `forward` is the fused LM head that trl (>= 1.15) installs on a model (`trl.trainer.utils`)."""
+    code = getattr(getattr(forward, "__func__", forward), "__code__", None)
+    return code is not None and code.co_name == "_fused_forward" and "fused_lm_head" in code.co_varnames
+
+
+def _next_token_scores(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """trl's per-token fields for assembled logits and labels: log-probability of each next-token label (with
+    gradient), entropy and top-1 (without), and the target mask; zero / False where the label is -100."""
+    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:].to(logits.device)
+    mask = shift_labels != -100
+    log_z = shift_logits.logsumexp(-1)
+    target = shift_logits.gather(-1, shift_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    log_probs = (target - log_z).masked_fill(~mask, 0.0)
+    with torch.no_grad():
+        probs = (shift_logits - log_z.unsqueeze(-1)).exp()
+        entropy = (log_z - (probs * shift_logits).sum(-1)).masked_fill(~mask, 0.0)
+        is_top1 = (shift_logits.argmax(-1) == shift_labels) & mask
+    return {"log_probs": log_probs, "entropy": entropy, "is_top1": is_top1, "label_mask": mask}
+
+
 class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
     """SliME with its language-model head: `forward` for logits and loss, `generate` for answers.
 
@@ -1334,6 +1390,16 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # trl (>= 1.15) replaces `forward` with a fused LM head that scores the backbone's hidden states against labels
+        # aligned with `input_ids`. SliME's hidden states are aligned with the assembled sequence (each image token
+        # becomes its image's block), so that head would pair the wrong positions; the model serves
+        # `fused_lm_head=True` in its own forward instead, and keeps it.
+        if name == "forward" and _is_trl_fused_forward(value):
+            logger.info("SliME serves trl's fused_lm_head=True calls in its own forward; trl's patch is not installed")
+            return
+        super().__setattr__(name, value)
+
     def get_image_features(self, *args, **kwargs) -> SliMEImageFeatures | tuple:
         """See [`SliMEModel.get_image_features`]."""
         return self.model.get_image_features(*args, **kwargs)
@@ -1356,9 +1422,13 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
         cache: Any = None,
         return_dict: bool | None = None,
         assembled_prompt_embeds: torch.FloatTensor | None = None,
+        fused_lm_head: bool = False,
         **kwargs,
     ) -> SliMECausalLMOutputWithPast | tuple:
         """Logits (and the loss when `labels` are given) over the assembled sequence.
+
+        `fused_lm_head=True` (trl's SFTTrainer protocol, with `labels`) also returns `log_probs`, `entropy`, `is_top1`
+        and `label_mask` over the assembled sequence's next-token labels; trl sums them, so its loss is this loss.
 
         Args: as [`SliMEModel.forward`], plus `logits_to_keep` (compute logits for the last N positions only).
         The logits are aligned with the ASSEMBLED sequence (`outputs.attention_mask`), not with `input_ids`. With
@@ -1375,6 +1445,8 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        if fused_lm_head and (labels is None or kwargs.get("shift_labels") is not None):
+            raise ValueError("fused_lm_head=True scores labels aligned with input_ids: pass labels (not shift_labels)")
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -1411,6 +1483,7 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
             image_token_budget=outputs.image_token_budget,
             truncated_positions=outputs.truncated_positions,
             **_image_outputs_field(getattr(outputs, "image_outputs", None)),
+            **(_next_token_scores(logits, outputs.labels) if fused_lm_head else {}),
         )
         return output if return_dict else output.to_tuple()
 
@@ -1530,8 +1603,17 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
         path = str(pretrained_model_name_or_path) if pretrained_model_name_or_path is not None else None
         config_file = os.path.join(path, "config.json") if path else None
         if config_file and os.path.isfile(config_file) and kwargs.get("config") is None:
-            with open(config_file) as handle:
-                config_dict = json.load(handle)
+            try:
+                with open(config_file, encoding="utf-8") as handle:
+                    config_dict = json.load(handle)
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+                raise ValueError(f"{config_file} is not a readable JSON config: {error}") from error
+            if not isinstance(config_dict, dict):
+                raise ValueError(f"{config_file} holds a JSON {type(config_dict).__name__}, not a config object")
+            model_type = config_dict.get("model_type")
+            if not is_original_layout(config_dict) and model_type != SliMEConfig.model_type:
+                raise ValueError(f"{config_file} is a config of model_type {model_type!r}, not a SliME model "
+                                 f"(expected {SliMEConfig.model_type!r}, or the authors' 'llava_llama' layout)")
             if is_original_layout(config_dict):
                 config, vision_dir = config_from_original(config_dict, path)
                 state_dict = load_original_state_dict(path)

@@ -283,3 +283,12 @@ def test_malformed_image_inputs_are_errors(original_models, change, message):
     inputs = _inputs(model, "V", gu.case("V", "single_7crop"))
     with pytest.raises(ValueError, match=message):
         model(**change(inputs))
+
+
+def test_from_pretrained_names_a_broken_or_foreign_config(tmp_path):
+    (tmp_path / "config.json").write_text("{broken")
+    with pytest.raises(ValueError, match=r"config\.json is not a readable JSON config"):
+        SliMEForConditionalGeneration.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ValueError, match="model_type 'llama', not a SliME model"):
+        SliMEForConditionalGeneration.from_pretrained(tmp_path)

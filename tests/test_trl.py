@@ -6,31 +6,20 @@ from __future__ import annotations
 import copy
 import math
 
+import datasets
 import pytest
 import torch
 import transformers
 from packaging.version import Version
 from PIL import Image
+from trl import SFTConfig, SFTTrainer
+from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
 from conftest import FIXTURES, VARIANTS
 from slime_hf import SliMEForConditionalGeneration, SliMEProcessor
 from slime_hf.training.data import SliMEDataset
 
 
-trl = pytest.importorskip("trl")
-datasets = pytest.importorskip("datasets")
-from trl import SFTConfig, SFTTrainer  # noqa: E402
-from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling  # noqa: E402
-
-
-# trl >= 1.15 scores the loss with a fused LM head that it installs on `model.forward`, pairing the backbone's hidden
-# states with labels aligned with `input_ids`; SliME's hidden states are aligned with the assembled sequence (each
-# image token becomes hundreds of positions), so the model must serve `fused_lm_head=True` itself.
-PENDING_FUSED_HEAD = pytest.mark.xfail(
-    reason="PENDING-MODELING-FIX: SliMEForConditionalGeneration must serve trl's `fused_lm_head=True` calls itself "
-    "(trl's generic fused LM head pairs assembled hidden states with input_ids-aligned labels)",
-    strict=False,
-)
 # trl refuses assistant-only loss on vision datasets before transformers 5.18 (SFTTrainer's own check).
 NEEDS_518 = pytest.mark.skipif(
     Version(transformers.__version__) < Version("5.18.0.dev0"),
@@ -99,7 +88,6 @@ def _config(tmp_path, **overrides) -> SFTConfig:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@PENDING_FUSED_HEAD
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_sft_trainer_trains_with_default_config(processors, variant, tmp_path):
     trainer = SFTTrainer(
@@ -119,7 +107,6 @@ def test_sft_trainer_trains_with_default_config(processors, variant, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@PENDING_FUSED_HEAD
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_trl_loss_equals_model_loss(processors, variant, tmp_path):
     model = _model(variant)
