@@ -109,6 +109,100 @@ def test_generate_answers_a_folder_in_batches_as_jsonl(demo_folder, demo, tmp_pa
     assert records[2]["answer"] == greedy_answers(demo, [[user_turn(prompt)]], files[2:], 6)[0]
 
 
+def _load_generate_example():
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import generate
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    return generate
+
+
+def _one_error_line(stderr: str) -> str:
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
+def test_generate_never_loses_an_existing_output(demo_folder, tmp_path, capsys):
+    """An existing output is refused without --resume / --overwrite (before the model loads), and a run that fails on
+    its first image leaves it byte for byte, --overwrite included."""
+    generate = _load_generate_example()
+    output = tmp_path / "answers.jsonl"
+    previous = b'{"image": "old.png", "prompt": "p", "answer": "kept"}\n'
+    output.write_bytes(previous)
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"not a png")
+    model = ["--model", str(demo_folder), "--max-new-tokens", "2", "--output", str(output)]
+
+    assert generate.main(model + ["--images", str(DEMO_IMAGE)]) == 2
+    error = _one_error_line(capsys.readouterr().err)
+    assert f"output file already exists: {output}" in error and "--resume" in error and "--overwrite" in error
+    assert output.read_bytes() == previous
+
+    # Used to leave answers.jsonl at 0 bytes: the file was opened for writing before the first image was read.
+    assert generate.main(model + ["--images", str(corrupt), str(DEMO_IMAGE), "--overwrite"]) == 2
+    assert "corrupt.png" in _one_error_line(capsys.readouterr().err)
+    assert output.read_bytes() == previous
+    # A new output is not created by a run that answers nothing.
+    fresh = tmp_path / "new" / "answers.jsonl"
+    assert generate.main(model[:-1] + [str(fresh), "--images", str(corrupt)]) == 2
+    capsys.readouterr()
+    assert not fresh.exists()
+
+    with pytest.raises(SystemExit) as exit_info:  # argparse: one or the other
+        generate.main(model + ["--resume", "--overwrite"])
+    assert exit_info.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+    assert generate.main(model + ["--images", str(DEMO_IMAGE), "--overwrite"]) == 0
+    capsys.readouterr()
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [r["image"] for r in records] == [str(DEMO_IMAGE)]
+
+
+def test_generate_resume_skips_answered_images_and_appends(demo_folder, tmp_path, capsys):
+    generate = _load_generate_example()
+    folder = tmp_path / "images"
+    folder.mkdir()
+    image = Image.open(DEMO_IMAGE).convert("RGB")
+    image.save(folder / "a.png")
+    image.resize((300, 200)).save(folder / "b.png")
+    output = tmp_path / "answers.jsonl"
+    common = ["--model", str(demo_folder), "--max-new-tokens", "3", "--batch-size", "2", "--output", str(output)]
+    assert generate.main(common + ["--images", str(folder / "a.png")]) == 0
+    capsys.readouterr()
+    first = output.read_bytes()
+    assert first.count(b"\n") == 1
+
+    # A later run over the folder answers b only and appends it; a's line is untouched.
+    assert generate.main(common + ["--images", str(folder), "--resume"]) == 0
+    assert "1 image(s) already answered" in capsys.readouterr().err
+    data = output.read_bytes()
+    assert data.startswith(first)
+    records = [json.loads(line) for line in data.decode().splitlines()]
+    assert [Path(r["image"]).name for r in records] == ["a.png", "b.png"]
+
+    # Nothing left to do: the file stays as it is (and the model is not even loaded).
+    assert generate.main(common + ["--images", str(folder), "--resume", "--model", str(tmp_path / "no-model")]) == 0
+    assert "all 2 image(s) already answered" in capsys.readouterr().err
+    assert output.read_bytes() == data
+
+    # A run stopped in the middle of a line: that line is redone, the complete ones are kept.
+    output.write_bytes(data[: len(first) + 10])
+    assert generate.main(common + ["--images", str(folder), "--resume"]) == 0
+    assert "cut off the unfinished last line" in capsys.readouterr().err
+    assert output.read_bytes() == data
+
+    # Another prompt, or a line that is not a record: refused, the file untouched.
+    assert generate.main(common + ["--images", str(folder), "--resume", "--prompt", "Another question?"]) == 2
+    assert "another prompt" in _one_error_line(capsys.readouterr().err)
+    output.write_bytes(b"garbage\n" + data)
+    assert generate.main(common + ["--images", str(folder), "--resume"]) == 2
+    assert "line 1" in _one_error_line(capsys.readouterr().err)
+    assert output.read_bytes() == b"garbage\n" + data
+
+
 def test_chat_streams_a_multi_turn_conversation_from_stdin(demo_folder, demo, tmp_path):
     turns = "What is shown?\n\n<image> and <image>?\nAnd the colours?\n/quit\nnever read\n"
     result = run_example("chat.py", "--model", str(demo_folder), "--max-new-tokens", "5", "--transcript",
