@@ -436,10 +436,13 @@ def _cache_argument_name(module: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
+GENERATE_TAKES_CACHE = "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+
+
 def _cache_kwarg_renamed(forward):
     """Where the installed transformers renamed `past_key_values` to `cache` (5.25), accept the old name with the
     same deprecation warning as its in-tree models; elsewhere the forward takes both names as they are."""
-    if "cache" not in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters:
+    if not GENERATE_TAKES_CACHE:
         return forward
     from transformers.utils.deprecation import deprecate_kwarg
 
@@ -1534,9 +1537,9 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
 
         - `max_length` counts assembled positions (text plus image tokens); prefer `max_new_tokens`.
         - A streamer is fed the caller's `input_ids` as the prompt (or skips it, with `skip_prompt=True`).
-        - A cache from an earlier turn (`past_key_values=` / `cache=`) is reused only for the prefix whose assembled
-          embeddings are unchanged: the router reads the whole prompt, so a longer conversation may keep other local
-          tokens; the rest of the cache is dropped and recomputed.
+        - A cache from an earlier turn (`cache=`, or `past_key_values=` as transformers before 5.25 names it) is
+          reused only for the prefix whose assembled embeddings are unchanged: the router reads the whole prompt, so
+          a longer conversation may keep other local tokens; the rest of the cache is dropped and recomputed.
         - With `return_dict_in_generate=True`, the output also carries `image_token_budget` and `selected_indices`
           (per image, as on the forward output).
 
@@ -1560,8 +1563,9 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
         prepared = self.model.prepare_multimodal_inputs(
             input_ids, attention_mask, pixel_values, image_sizes, router_top_p=router_top_p, padding_side="left"
         )
-        cache_key = "cache" if kwargs.get("cache") is not None else "past_key_values"
-        cache = kwargs.get(cache_key)
+        if kwargs.get("cache") is not None and not GENERATE_TAKES_CACHE:
+            kwargs["past_key_values"] = kwargs.pop("cache")  # the newer name, accepted on older transformers too
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if cache is not None and hasattr(cache, "get_seq_length"):
             reusable, cached = _reusable_cache_length(cache, prepared), int(cache.get_seq_length())
             if reusable < cached:
