@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transformers import AutoModel, CLIPVisionConfig, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, CLIPVisionConfig, GenerationMixin, LogitsProcessorList, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.utils import ModelOutput, logging
@@ -1298,6 +1298,23 @@ class _PromptStreamer:
         self.streamer.end()
 
 
+class _ImageIdAwareProcessors(LogitsProcessorList):
+    """Runs logits processors on scores widened to the image id, the first id after the vocabulary: the assembled
+    ids hold it at every image position, and processors that index scores by the ids seen so far
+    (`repetition_penalty`, ...) must be able to address it. The extra columns are -inf and dropped afterwards."""
+
+    def __init__(self, processors: LogitsProcessorList, image_token_id: int):
+        super().__init__(processors)
+        self.image_token_id = image_token_id
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.FloatTensor:
+        width = scores.shape[-1]
+        if width > self.image_token_id or not len(self) or not bool((input_ids == self.image_token_id).any()):
+            return super().__call__(input_ids, scores, **kwargs)
+        extra = scores.new_full((*scores.shape[:-1], self.image_token_id + 1 - width), float("-inf"))
+        return super().__call__(input_ids, torch.cat([scores, extra], dim=-1), **kwargs)[..., :width]
+
+
 class _CandidatesWithoutImageIds:
     """Wraps a candidate generator (prompt lookup, assisted decoding) so that no candidate is the image id: prompt
     lookup copies continuations out of the assembled prompt, whose image positions hold it."""
@@ -1489,6 +1506,9 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
             **(_next_token_scores(logits, outputs.labels) if fused_lm_head else {}),
         )
         return output if return_dict else output.to_tuple()
+
+    def _get_logits_processor(self, *args, **kwargs) -> LogitsProcessorList:
+        return _ImageIdAwareProcessors(super()._get_logits_processor(*args, **kwargs), self.config.image_token_id)
 
     def _get_candidate_generator(self, *args, **kwargs):
         generator = super()._get_candidate_generator(*args, **kwargs)
