@@ -663,6 +663,11 @@ class SliMEPreTrainedModel(PreTrainedModel):
 class SliMEModel(SliMEPreTrainedModel):
     """SliME without the language-model head: vision path, assembly of the LLM input, text model."""
 
+    # Never quantized: transformers' quantizers (bitsandbytes, torchao, quanto, ...) skip `_keep_in_fp32_modules`, so
+    # the router's inputs, hence the kept local tokens, are those of the unquantized model. The router has no weights.
+    # (A float16 load keeps these in float32 too; bfloat16 and float32 loads are unchanged.)
+    _keep_in_fp32_modules = ["vision_tower", "projector", "global_adapter", "local_compressor"]
+
     def __init__(self, config: SliMEConfig):
         super().__init__(config)
         self.vision_tower = AutoModel.from_config(config.vision_config)
@@ -1387,6 +1392,8 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    # The same modules named from this class (the quantizers match names from the start of a module's path).
+    _keep_in_fp32_modules = [f"model.{name}" for name in SliMEModel._keep_in_fp32_modules]
     _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: SliMEConfig):

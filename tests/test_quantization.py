@@ -27,13 +27,6 @@ from test_model_features import _golden_inputs, saved_folder  # noqa: F401  (sav
 CASES = ("single_3crop", "single_7crop", "tall_extreme", "two_images", "top_p_0.5")
 NEW_TOKENS = 4
 UNQUANTIZED = ("vision_tower", "projector", "global_adapter", "local_compressor")
-# Until the model declares them, every backend quantizes the vision path too: it loads and generates, but the
-# router's inputs are quantized and the kept tokens drift from float32's.
-PENDING = pytest.mark.xfail(
-    reason="PENDING-MODELING-FIX: SliMEModel / SliMEForConditionalGeneration must declare the modules that are "
-           "never quantized (_keep_in_fp32_modules)",
-    strict=True,
-)
 
 
 def _bnb(**kwargs):
@@ -123,14 +116,13 @@ def float32_model(saved_folder):
     return SliMEForConditionalGeneration.from_pretrained(saved_folder, dtype=torch.float32).eval()
 
 
-@PENDING
 def test_the_model_declares_the_modules_that_are_never_quantized():
     assert set(UNQUANTIZED) <= set(SliMEModel._keep_in_fp32_modules or ())
     assert {f"model.{name}" for name in UNQUANTIZED} <= set(SliMEForConditionalGeneration._keep_in_fp32_modules or ())
 
 
 @pytest.mark.filterwarnings("ignore:MatMul8bitLt")
-@pytest.mark.parametrize("backend", [pytest.param(name, marks=PENDING) for name in BACKENDS])
+@pytest.mark.parametrize("backend", list(BACKENDS))
 def test_only_the_text_model_is_quantized(backend, saved_folder, float32_model):
     model = _quantized(backend, str(saved_folder))
     _, _, is_quantized = BACKENDS[backend]
@@ -148,7 +140,6 @@ def test_only_the_text_model_is_quantized(backend, saved_folder, float32_model):
             assert torch.equal(parameter, reference), f"{prefix}.{name}"
 
 
-@PENDING
 def test_user_skip_lists_do_not_quantize_the_vision_path(saved_folder):
     """The model's declaration holds whatever the user passes (here a skip list naming only the head)."""
     pytest.importorskip("bitsandbytes")
@@ -176,7 +167,7 @@ def test_quantized_model_generates_with_an_image(backend, saved_folder):
 
 
 @pytest.mark.filterwarnings("ignore:MatMul8bitLt")
-@pytest.mark.parametrize("backend", [pytest.param(name, marks=PENDING) for name in BACKENDS])
+@pytest.mark.parametrize("backend", list(BACKENDS))
 def test_kept_tokens_equal_float32(backend, saved_folder):
     """The router's inputs are unquantized: the kept local tokens are float32's, for every golden image case."""
     results = _run(backend, str(saved_folder))
@@ -184,7 +175,6 @@ def test_kept_tokens_equal_float32(backend, saved_folder):
         assert results[name]["kept"] == [gu.selected(image) for image in gu.case("V", name)["images"]], name
 
 
-@PENDING
 def test_float16_load_keeps_the_declared_modules_in_float32(saved_folder):
     """transformers keeps `_keep_in_fp32_modules` in float32 under a float16 load: the vision path then routes as
     float32 (with the whole model in float16, single_3crop and two_images keep other local tokens)."""

@@ -52,7 +52,19 @@ inputs = processor(images=[Image.open(image_path)], text=prompt, return_tensors=
 with torch.no_grad():
     out = model(**inputs)
 generated = model.generate(**inputs, do_sample=False, max_new_tokens=24)
+# What users reach for next, through the remote code: several answers, tuple outputs, assisted decoding, the
+# generic processor call of evaluation harnesses.
+sampled = model.generate(**inputs, do_sample=True, num_return_sequences=2, max_new_tokens=4)
+with torch.no_grad():
+    as_tuple = model(**inputs, return_dict=False)
+assisted = model.generate(**inputs, do_sample=False, max_new_tokens=24, assistant_model=model)
+with_empty_media = processor(images=[Image.open(image_path)], text=prompt, videos=None, audio=None, return_tensors="pt")
 print(json.dumps({
+    "returned_rows": sampled.shape[0],
+    "rows_start_with_prompt": bool((sampled[:, :inputs["input_ids"].shape[1]] == inputs["input_ids"]).all()),
+    "tuple_logits_equal": bool(torch.equal(as_tuple[0], out.logits)),
+    "assisted_new_ids": assisted[0, inputs["input_ids"].shape[1]:].tolist(),
+    "empty_media_ids_equal": bool(torch.equal(with_empty_media["input_ids"], inputs["input_ids"])),
     "classes": classes,
     "config_class": type(AutoConfig.from_pretrained(folder, trust_remote_code=True)).__name__,
     "processor_class": type(processor).__name__,
@@ -98,3 +110,7 @@ def test_auto_classes_load_a_saved_folder_without_the_package(variant, tmp_path)
     assert (torch.tensor(out["logits_last"]) - reference).abs().max().item() <= 1e-4
     assert out["selected"] == gu.selected(golden["images"][0])
     assert out["new_ids"] == golden["generated_new_ids"][0]
+    assert out["returned_rows"] == 2 and out["rows_start_with_prompt"]
+    assert out["tuple_logits_equal"]
+    assert out["assisted_new_ids"] == golden["generated_new_ids"][0]
+    assert out["empty_media_ids_equal"]
