@@ -638,16 +638,44 @@ def write_output(conversion: Conversion, folder: str, args: argparse.Namespace) 
         save_adapter_weights(adapters, folder, conversion.config)
         save_model_card(folder, base_model_relation="adapter", stage_checkpoint=True, **dict(card, release=None))
         return
+    if conversion.release is not None:
+        # A converted release: the card's base model is the release it came from (same weights, the package's
+        # layout); the release's language model is named in the card's text.
+        card.update(base_model=conversion.release.repo_id, base_model_relation=None)
     write_weights(plan, folder, parse_size(args.max_shard_size))
     _save_config(conversion.config, plan.dtype, folder)
     if conversion.generation_config:
-        shutil.copyfile(conversion.generation_config, os.path.join(folder, "generation_config.json"))
+        write_generation_config(conversion.generation_config, folder)
     processor = SliMEProcessor.from_pretrained(conversion.tokenizer_dir, chat_template_name=args.chat_template)
     if processor.image_token_id != conversion.config.image_token_id:
         raise ConversionError(f"the tokenizer gives <image> the id {processor.image_token_id}, the config expects "
                               f"{conversion.config.image_token_id} (the first id after the vocabulary)")
     processor.save_pretrained(folder)
     save_model_card(folder, chat_template=_template_name(processor), **card)
+
+
+def write_generation_config(source: str, folder: str) -> dict:
+    """
+    Writes the release's `generation_config.json` into `folder`, every field as the release has it but `max_length`.
+
+    The releases inherit `max_length` from their language model's generation config (4096: the context length, not
+    an answer length). transformers 5 counts any `max_length` of the model's generation config as set by the user,
+    so every `generate(..., max_new_tokens=N)` would warn "Both `max_new_tokens` (=N) and `max_length`(=4096) seem
+    to have been set"; `max_new_tokens` wins anyway, and the model refuses prompts longer than its context. Without
+    it, a call that gives no length gets transformers' default (and its advice to pass `max_new_tokens`).
+
+    Returns:
+        `dict`: what was written.
+    """
+    with open(source, encoding="utf-8") as handle:
+        values = json.load(handle)
+    dropped = values.pop("max_length", None)
+    if dropped is not None:
+        logger.info(f"generation_config.json: the release's max_length={dropped} (its language model's context) is "
+                    "left out, so that generate(max_new_tokens=...) does not warn on every call")
+    with open(os.path.join(folder, "generation_config.json"), "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(values, indent=2, sort_keys=True) + "\n")
+    return values
 
 
 def _template_name(processor: SliMEProcessor) -> str | None:

@@ -15,6 +15,17 @@ CODE_URL = "https://github.com/yfzhang114/SliME"
 DEFAULT_DATASETS = ("yifanzhang114/SMR", "liuhaotian/LLaVA-Pretrain", "Lin-Chen/ShareGPT4V")
 BASE_MODEL_RELATIONS = ("adapter", "merge", "quantized", "finetune")
 RESEARCH_LICENSE_NAME = "slime-research-only"
+# Where each licence's text is (the `license_link` metadata). The research-only terms of the SliME checkpoints and data
+# are stated in the authors' repository.
+LICENSE_LINKS = {
+    "llama3": "https://www.llama.com/llama3/license/",
+    "llama2": "https://www.llama.com/llama2/license/",
+    "apache-2.0": "https://www.apache.org/licenses/LICENSE-2.0",
+    "cc-by-nc-4.0": "https://creativecommons.org/licenses/by-nc/4.0/",
+    "mit": "https://opensource.org/licenses/MIT",
+    RESEARCH_LICENSE_NAME: CODE_URL,
+}
+LICENSE_TITLES = {"llama3": "Meta Llama 3 Community License", "llama2": "Llama 2 Community License"}
 RESULT_COLUMNS = ("TextVQA", "GQA", "VQAv2", "MMB", "MMB-CN", "MMMU-val", "LLaVA-W", "MME-P", "MME-C", "MM-Vet")
 
 CITATION = """@misc{zhang2024llavahd,
@@ -96,14 +107,25 @@ def match_release(hidden_size: int, num_hidden_layers: int, vocab_size: int) -> 
 
 
 def license_for(base_model: str | list[str] | None) -> str:
-    """Hub licence id for a model built on `base_model`: `llama3` / `llama2` where the base model has that licence,
-    else `other` (the research-only SliME terms, named `slime-research-only`)."""
-    names = " ".join(base_model if isinstance(base_model, (list, tuple)) else [base_model or ""]).lower()
+    """Hub licence id for a model built on `base_model`: `llama3` / `llama2` where the base model (a SliME release or
+    a language model) has that licence, else `other` (the research-only SliME terms, named `slime-research-only`)."""
+    models = list(base_model) if isinstance(base_model, (list, tuple)) else [base_model or ""]
+    releases = [find_release(name) for name in models]
+    if models and all(releases):
+        return releases[0].license if len({r.license for r in releases}) == 1 else "other"
+    names = " ".join(models).lower()
     if "llama-3" in names or "llama3" in names:
         return "llama3"
     if "vicuna" in names or "llama-2" in names or "llama2" in names:
         return "llama2"
     return "other"
+
+
+def license_link_for(license: str | None, license_name: str | None = None) -> str | None:
+    """The URL of a licence's text (`license_link` metadata): the licence id's (`llama3`, `llama2`, `apache-2.0`,
+    ...), or for `other` the named licence's (the research-only SliME terms: the authors' repository); else `None`."""
+    key = license_name if license == "other" else license
+    return LICENSE_LINKS.get((key or "").lower())
 
 
 _PLAIN_YAML = re.compile(r"^[A-Za-z][A-Za-z0-9_.:/+-]*$")
@@ -157,6 +179,7 @@ def make_model_card(
     source: str | None = None,
     license: str | None = None,
     license_name: str | None = None,
+    license_link: str | None = None,
     datasets: list[str] | tuple[str, ...] | None = DEFAULT_DATASETS,
     tags: list[str] | tuple[str, ...] = (),
     language: list[str] | tuple[str, ...] = ("en",),
@@ -165,6 +188,7 @@ def make_model_card(
     results: dict[str, Any] | None = None,
     training: str | None = None,
     stage_checkpoint: bool = False,
+    lora_checkpoint: bool = False,
     **metadata: Any,
 ) -> str:
     """
@@ -175,7 +199,8 @@ def make_model_card(
     Args:
         base_model (`str` or `list[str]`, *optional*):
             Hub id(s) of the model this one is built on (e.g. `"lmsys/vicuna-7b-v1.5"`, or a SliME repo for a
-            fine-tune of a release). Defaults to the base model of `release`.
+            fine-tune of a release). Defaults to the repo of `release` (the card of a converted release names the
+            release it came from; the release's language model is named in the text).
         base_model_relation (`str`, *optional*, defaults to `"finetune"`):
             One of `"adapter"`, `"merge"`, `"quantized"`, `"finetune"` (Hub metadata).
         model_name (`str`, *optional*):
@@ -184,13 +209,16 @@ def make_model_card(
             The repo the card belongs to, used in the code snippets (a placeholder otherwise).
         release (`str` or [`SliMERelease`], *optional*):
             The authors' release this model is (or was converted from): a key of [`RELEASES`]. Picks the results
-            row, the base model, the licence and the chat template.
+            row, the base model (the release's repo), the licence and the chat template.
         source (`str`, *optional*):
             What the repo was converted from (a Hub id or a description); adds a provenance line.
         license (`str`, *optional*):
             Hub licence id. Defaults to the base model's (`llama2`, `llama3`), else `"other"`.
         license_name (`str`, *optional*):
             Name of an `"other"` licence (defaults to `"slime-research-only"`).
+        license_link (`str`, *optional*):
+            URL (or repo file) of the licence text. Defaults to the licence's own (Llama 3 / Llama 2 community
+            licences, Apache-2.0, ...; the authors' repository for the research-only terms), see [`LICENSE_LINKS`].
         datasets (`list[str]`, *optional*):
             Hub ids of the training data (defaults to SMR, LLaVA-Pretrain and ShareGPT4V).
         tags (`list[str]`, *optional*):
@@ -208,6 +236,9 @@ def make_model_card(
         stage_checkpoint (`bool`, *optional*, defaults to `False`):
             The repo holds adapter weights of a training stage only (no language model): the usage section then
             explains how to continue training instead of how to generate.
+        lora_checkpoint (`bool`, *optional*, defaults to `False`):
+            The repo holds a LoRA of the language model and the adapter weights (a LoRA training run's output): the
+            usage section explains how to merge it into a self-contained repo.
         metadata:
             Further YAML metadata fields (e.g. `pipeline_tag`, `model-index`).
 
@@ -222,11 +253,15 @@ def make_model_card(
             raise ValueError(f"unknown SliME release {release!r}; known: {sorted(RELEASES)}")
         release = found
     if base_model is None and release is not None:
-        base_model = release.base_model
+        base_model = release.repo_id
     if license is None:
-        license = license_for(base_model if base_model is not None else (release.base_model if release else None))
+        names = base_model if isinstance(base_model, (list, tuple)) else [base_model]
+        is_release = release is not None and all(name in (release.repo_id, release.base_model) for name in names)
+        license = release.license if is_release else license_for(base_model)
     if license == "other" and license_name is None:
         license_name = RESEARCH_LICENSE_NAME
+    if license_link is None:
+        license_link = license_link_for(license, license_name)
     if chat_template is None and release is not None:
         chat_template = release.chat_template
     if model_name is None:
@@ -240,6 +275,7 @@ def make_model_card(
         "pipeline_tag": "image-text-to-text",
         "license": license,
         "license_name": license_name if license == "other" else None,
+        "license_link": license_link,
         "base_model": [base_model] if isinstance(base_model, str) else base_model,
         "base_model_relation": base_model_relation if base_model is not None else None,
         "datasets": list(datasets) if datasets else None,
@@ -250,9 +286,12 @@ def make_model_card(
 
     parts = [_yaml(yaml_fields), f"# {model_name}\n"]
     if release is not None:
+        licence = LICENSE_TITLES.get(release.license, release.license)
         parts.append(
             f"{release.name} ({release.llm}) from the authors' release "
-            f"[`{release.repo_id}`](https://huggingface.co/{release.repo_id}), as a self-contained transformers repo.\n"
+            f"[`{release.repo_id}`](https://huggingface.co/{release.repo_id}), as a self-contained transformers repo. "
+            f"Its language model is [`{release.base_model}`](https://huggingface.co/{release.base_model}) "
+            f"([{licence}]({LICENSE_LINKS.get(release.license, CODE_URL)})).\n"
         )
     if source:
         detail = (
@@ -268,6 +307,8 @@ def make_model_card(
     template_note = f" The default chat template is `{chat_template}`." if chat_template else ""
     if stage_checkpoint:
         parts.append(_STAGE_USAGE.format(repo=repo))
+    elif lora_checkpoint:
+        parts.append(_LORA_USAGE.format(repo=repo))
     else:
         parts.append(_USAGE.format(repo=repo, template_note=template_note))
     results_text = _results_table(release, results)
@@ -385,6 +426,17 @@ adapters = load_adapter_weights("path/to/this/repo")  # dict of tensors in packa
 ```
 """
 
+_LORA_USAGE = """## Usage
+
+This repo holds a **LoRA of the language model** (`adapter_model.safetensors`, `adapter_config.json`) and the SliME
+adapter weights trained with it (`non_lora_trainables.safetensors`, package names), with the full model config. Merge
+it into a self-contained repo (loads with the Auto classes and `trust_remote_code=True`, as the releases):
+
+```bash
+python conversion/convert_slime_to_hf.py --input {repo} --base BASE_MODEL --output merged-repo
+```
+"""
+
 _LICENCE = """## Licence
 
 Research use only. The SliME checkpoints and data follow the licence terms of LLaVA, LLaMA (Llama 2 / Llama 3
@@ -398,6 +450,7 @@ __all__ = [
     "SliMERelease",
     "find_release",
     "license_for",
+    "license_link_for",
     "make_model_card",
     "match_release",
     "save_model_card",

@@ -147,6 +147,7 @@ def main(argv: Sequence[str] | None = None, callbacks: list | None = None) -> Sl
         processing_class=processor,
         callbacks=callbacks,
         base_model=model_args.model_name_or_path,
+        data_path=data_args.data_path,
     )
     engine = str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1]
     if trainer.is_deepspeed_enabled:

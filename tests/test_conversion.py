@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -149,7 +150,9 @@ def test_converted_releases_reproduce_every_golden_case(converter, tmp_path):
         assert ("model.safetensors.index.json" in files) == (variant == "L")
         if variant == "V":
             assert (folder / "tokenizer.model").read_bytes() == (checkpoint / "tokenizer.model").read_bytes()
-        assert (folder / "generation_config.json").read_bytes() == (checkpoint / "generation_config.json").read_bytes()
+        release_generation = json.loads((checkpoint / "generation_config.json").read_text())
+        assert json.loads((folder / "generation_config.json").read_text()) == {
+            k: v for k, v in release_generation.items() if k != "max_length"}
         config = json.loads((folder / "config.json").read_text())
         assert config["model_type"] == "slime" and config["position_table_dtype"] == "float16"
         assert config["auto_map"]["AutoModel"] == "modeling_slime.SliMEForConditionalGeneration"
@@ -170,6 +173,75 @@ def test_converted_releases_reproduce_every_golden_case(converter, tmp_path):
         assert result["selected_equal"], name
         assert result["logits_max_abs_diff"] <= 1e-4, (name, result)
         assert result["new_ids_equal"], name
+
+
+@pytest.fixture(scope="module")
+def converted_v(converter, tmp_path_factory) -> Path:
+    """The V fixture release converted (without the verification run, which the slow test covers)."""
+    folder = tmp_path_factory.mktemp("converted") / "SliME-V-hf"
+    assert converter.main(["--input", str(gu.checkpoint_dir("V")), "--output", str(folder), "--no-verify"]) == 0
+    return folder
+
+
+class _TransformersWarnings(logging.Handler):
+    """Collects the warnings transformers logs (its loggers do not propagate to the root logger)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self):
+        logging.getLogger("transformers").addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger("transformers").removeHandler(self)
+
+
+def test_converted_and_saved_folders_generate_with_max_new_tokens_without_a_length_warning(converted_v, tmp_path):
+    """The release's generation config pins max_length=4096 (its LLM's context); transformers 5 then warns "Both
+    `max_new_tokens` and `max_length` seem to have been set" on every generate. The converted folder keeps every
+    other field of it, and a save_pretrained of the converted model pins no max_length either."""
+    release = json.loads((gu.checkpoint_dir("V") / "generation_config.json").read_text())
+    assert release["max_length"] == 4096
+    written = json.loads((converted_v / "generation_config.json").read_text())
+    assert written == {k: v for k, v in release.items() if k != "max_length"}
+
+    model = SliMEForConditionalGeneration.from_pretrained(converted_v, dtype=torch.float32).eval()
+    assert model.generation_config.max_length is None and model.generation_config.temperature == release["temperature"]
+    inputs = _case_inputs("V", "single_3crop", model.config.image_token_id)
+    with _TransformersWarnings() as warnings:
+        out = model.generate(**inputs, do_sample=False, max_new_tokens=3)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+    assert not [m for m in warnings.messages if "seem to have been set" in m], warnings.messages
+
+    model.save_pretrained(tmp_path / "saved")
+    assert "max_length" not in json.loads((tmp_path / "saved" / "generation_config.json").read_text())
+
+    # The check is real: a pinned max_length makes transformers warn.
+    model.generation_config.max_length = release["max_length"]
+    with _TransformersWarnings() as warnings:
+        model.generate(**inputs, do_sample=False, max_new_tokens=3)
+    assert [m for m in warnings.messages if "Both `max_new_tokens` (=3) and `max_length`(=4096)" in m]
+
+
+def test_a_converted_release_card_names_the_release_and_links_its_licence(converter, tmp_path, monkeypatch):
+    """The fixtures' tiny LLMs match no release: stand the V checkpoint in for SliME-vicuna-7B, as a downloaded
+    release is recognised by its LLM's shape."""
+    from slime_hf.model_card import RELEASES
+
+    release = RELEASES["yifanzhang114/SliME-vicuna-7B"]
+    monkeypatch.setattr(converter, "match_release", lambda *shape: release)
+    output = tmp_path / "SliME-vicuna-7B-hf"
+    assert converter.main(["--input", str(gu.checkpoint_dir("V")), "--output", str(output), "--no-verify"]) == 0
+    card = (output / "README.md").read_text()
+    metadata = yaml.safe_load(card.split("---\n")[1])
+    assert metadata["base_model"] == [release.repo_id] and "base_model_relation" not in metadata
+    assert (metadata["license"], metadata["license_link"]) == ("llama2", "https://www.llama.com/llama2/license/")
+    assert f"from the authors' release [`{release.repo_id}`]" in card and "`lmsys/vicuna-7b-v1.5`" in card
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -602,8 +674,11 @@ def test_hub_input_downloads_only_the_files_it_needs(converter, tmp_path, monkey
     assert converter.main(["--input", "yifanzhang114/SliME-vicuna-7B", "--output", str(output), "--no-verify"]) == 0
     assert calls == [("yifanzhang114/SliME-vicuna-7B", sorted(p.name for p in checkpoint.iterdir()))]
     card = (output / "README.md").read_text()
-    # The release is recognised: base model, licence and the paper's results row of SliME-7B.
-    assert "- lmsys/vicuna-7b-v1.5" in card and "license: llama2" in card
+    # The release is recognised: the card's base model is the release it came from (its LLM named in the text),
+    # the LLM's licence and the paper's results row of SliME-7B.
+    assert "base_model:\n- yifanzhang114/SliME-vicuna-7B\n" in card and "`lmsys/vicuna-7b-v1.5`" in card
+    assert "license: llama2" in card and "license_link: https://www.llama.com/llama2/license/" in card
+    assert "Converted from `yifanzhang114/SliME-vicuna-7B`" in card
     assert "| SliME-7B (Vicuna-7B) | 64.39 | 63.13 | 80.32 |" in card
 
 

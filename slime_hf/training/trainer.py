@@ -90,14 +90,21 @@ class SliMETrainer(Trainer):
       leaf modules: their inputs come from the frozen vision tower without autograd, so a leaf module's backward
       hook would fire before its weight gradients exist, and the projector runs more than once per forward.
 
+    Every save (the final one and each `checkpoint-N`) also writes the model card `README.md`
+    ([`~slime_hf.model_card.make_model_card`]): what training started from, the stage, the data and the
+    hyper-parameters; `push_to_hub` keeps that card (see [`SliMETrainer.create_model_card`]).
+
     Args:
-        base_model (`str`, *optional*): what training started from, for the model card of stage 3.
+        base_model (`str`, *optional*): what training started from (a Hub id or a folder), for the model card.
+        data_path (`str` or `list[str]`, *optional*): the training data (`--data_path`), for the model card.
         *args, **kwargs: as [`~transformers.Trainer`].
     """
 
-    def __init__(self, *args: Any, base_model: str | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, base_model: str | None = None, data_path: str | list[str] | None = None,
+                 **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.base_model = base_model
+        self.data_path = data_path
         self.num_truncated_samples = 0  # training rows the model cut at the end after routing, in this process
         self.stage = get_stage(getattr(self.args, "stage", "3"))
 
@@ -195,6 +202,7 @@ class SliMETrainer(Trainer):
             super()._save(output_dir, state_dict=state_dict)
             if self.args.should_save:
                 self._save_non_lora_trainables(output_dir, state_dict, base)
+                self._write_model_card(output_dir, base.config)
             return
         if not self.args.should_save:
             return
@@ -209,6 +217,7 @@ class SliMETrainer(Trainer):
         os.makedirs(output_dir, exist_ok=True)
         save_adapter_weights(adapters, output_dir, base.config)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        self._write_model_card(output_dir, base.config)
 
     def _save_non_lora_trainables(self, output_dir: str, state_dict: dict, base: Any) -> None:
         from safetensors.torch import save_file
@@ -222,28 +231,74 @@ class SliMETrainer(Trainer):
         save_file(tensors, os.path.join(output_dir, NON_LORA_TRAINABLES_NAME), metadata={"format": "pt"})
         base.config.save_pretrained(output_dir)
 
-    def _write_model_card(self, output_dir: str, config: Any) -> None:
+    def _write_model_card(self, output_dir: str, config: Any, **overrides: Any) -> None:
+        """Writes the run's model card (`README.md`) into `output_dir`: the base model it was trained from, the stage,
+        the data and the hyper-parameters. `overrides`: arguments of [`~slime_hf.model_card.make_model_card`]."""
         from ..model_card import save_model_card
 
         args = self.args
+        is_lora = hasattr(self.accelerator.unwrap_model(self.model), "get_base_model")
         source = self.base_model or "a SliME checkpoint"
         rates = f"learning rate {args.learning_rate}"
         if getattr(args, "adapter_lr", None) is not None:
             rates += f" (adapters {args.adapter_lr})"
+        data = self.data_path if self.data_path else None
+        if isinstance(data, (list, tuple)):
+            data = ", ".join(f"`{path}`" for path in data)
+        elif data is not None:
+            data = f"`{data}`"
         training = (
-            f"Stage {self.stage.name} of the SliME recipe ({self.stage.description}), trained from `{source}` with "
-            f"slime-hf's `SliMETrainer`: {rates}, {args.lr_scheduler_type} schedule, {args.num_train_epochs} "
-            f"epoch(s), {args.per_device_train_batch_size} samples per device x {args.gradient_accumulation_steps} "
+            f"Stage {self.stage.name} of the SliME recipe ({self.stage.description}){' with LoRA' if is_lora else ''}, "
+            f"trained from `{source}`{f' on {data}' if data else ''} with slime-hf's `SliMETrainer`: {rates}, "
+            f"{args.lr_scheduler_type} schedule, {args.num_train_epochs} epoch(s), "
+            f"{args.per_device_train_batch_size} samples per device x {args.gradient_accumulation_steps} "
             f"accumulation steps x {args.world_size} device(s), router top-p {config.router_top_p}."
         )
-        save_model_card(
-            output_dir,
+        hub_base = self.base_model if self.base_model and not os.path.exists(self.base_model) else None
+        adapters_only = not self.stage.saves_full_model and not is_lora
+        card = dict(
             # Hub metadata takes Hub ids only; a local starting point is named in the training paragraph.
-            base_model=self.base_model if self.base_model and not os.path.exists(self.base_model) else None,
-            base_model_relation="finetune",
+            base_model=hub_base,
+            base_model_relation="adapter" if (is_lora or adapters_only) else "finetune",
             router_top_p=config.router_top_p,
             chat_template=getattr(self.train_dataset, "template", None),
             training=training,
+            stage_checkpoint=adapters_only,
+            lora_checkpoint=is_lora,
+        )
+        if is_lora:
+            card["library_name"] = "peft"  # adapter_model.safetensors + adapter_config.json
+        card.update({key: value for key, value in overrides.items() if value is not None})
+        save_model_card(output_dir, **card)
+
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+    ) -> None:
+        """The SliME model card of this run in `output_dir` (what `push_to_hub` uploads), instead of the generic
+        [`~transformers.Trainer`] summary; the arguments that the SliME card has are honoured."""
+        if not self.is_world_process_zero():
+            return
+        base = _unwrap_peft(self.accelerator.unwrap_model(self.model))
+        as_list = (lambda value: [value] if isinstance(value, str) else value)
+        self._write_model_card(
+            self.args.output_dir,
+            base.config,
+            language=as_list(language),
+            license=license,
+            tags=as_list(tags) or None,
+            model_name=model_name,
+            base_model=finetuned_from,
+            datasets=as_list(dataset_tags or dataset),
+            repo_id=self.args.hub_model_id,
         )
 
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
