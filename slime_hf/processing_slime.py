@@ -26,9 +26,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoTokenizer
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
 from transformers.tokenization_utils_base import AddedToken, PreTrainedTokenizerBase
 from transformers.utils import cached_file, logging
 
@@ -563,6 +564,12 @@ def _read_json(path: str | None) -> dict:
         return json.load(f)
 
 
+def _is_tokenizer_option(key: str) -> bool:
+    """Whether a `from_pretrained` kwarg is for the tokenizer: a special token (`cls_token`, ...) or a tokenizer
+    option of [`_TOKENIZER_OPTIONS`]."""
+    return key in _TOKENIZER_OPTIONS or key in PreTrainedTokenizerBase.SPECIAL_TOKENS_ATTRIBUTES
+
+
 def _is_sentencepiece_style(tokenizer: PreTrainedTokenizerBase) -> bool:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
@@ -584,6 +591,62 @@ _IMAGE_PROCESSOR_CLASSES = {
     SliMEImageProcessor.__name__: SliMEImageProcessor,
 }
 _IMAGE_PROCESSOR_BACKENDS = {"pil": SliMEImageProcessorPil, "torch": SliMEImageProcessor}
+
+
+class SliMEProcessorKwargs(ProcessingKwargs, total=False):
+    """
+    Keyword arguments of [`SliMEProcessor.__call__`], with SliME's defaults: prompts are padded to the longest one, on
+    the left (generation; training collators pass `padding_side="right"`), with the BOS id, and returned as PyTorch
+    tensors.
+    """
+
+    # `return_tensors` is a text default rather than a `common_kwargs` one: the `_merge_kwargs` of transformers 5.17
+    # updates the class-level `common_kwargs` defaults in place with a caller's `common_kwargs`, so one call would
+    # change every later one. The image processor gets the text's `return_tensors` (one `BatchFeature`).
+    _defaults = {
+        "text_kwargs": {
+            "padding": True,
+            "padding_side": "left",
+            "add_special_tokens": True,
+            "return_attention_mask": True,
+            "return_tensors": "pt",
+        },
+    }
+
+
+# Text options that `SliMEProcessor.__call__` honours; the ones below them are accepted but refused when set (no offset
+# mapping on the exact path, no control-token sanitising) or ignored (SliME has no token types).
+_TEXT_OPTIONS = frozenset(
+    (
+        "padding",
+        "padding_side",
+        "return_tensors",
+        "add_special_tokens",
+        "max_length",
+        "pad_to_multiple_of",
+        "return_attention_mask",
+        "truncation",
+    )
+)
+_REFUSED_TEXT_OPTIONS = ("sanitize_control_tokens", "return_offsets_mapping")
+_IGNORED_TEXT_OPTIONS = ("return_text_replacement_offsets", "return_mm_token_type_ids", "return_token_type_ids")
+# Tokenizer options `from_pretrained` hands to the tokenizer (besides its special tokens); other unknown kwargs, e.g.
+# the model's `dtype` or `device_map` that `pipeline` passes to the processor as well, are ignored.
+_TOKENIZER_OPTIONS = frozenset(
+    (
+        "extra_special_tokens",
+        "additional_special_tokens",
+        "model_max_length",
+        "padding_side",
+        "truncation_side",
+        "model_input_names",
+        "clean_up_tokenization_spaces",
+        "split_special_tokens",
+        "add_bos_token",
+        "add_eos_token",
+        "add_prefix_space",
+    )
+)
 
 
 class SliMEProcessor(ProcessorMixin):
@@ -616,6 +679,7 @@ class SliMEProcessor(ProcessorMixin):
 
     image_processor: Any
     tokenizer: Any
+    valid_processor_kwargs = SliMEProcessorKwargs
 
     def __init__(
         self,
@@ -854,13 +918,16 @@ class SliMEProcessor(ProcessorMixin):
         self,
         images: Any = None,
         text: str | list[str] | None = None,
-        padding: bool | str = True,
-        padding_side: str | None = None,
-        return_tensors: str | None = "pt",
-        **kwargs,
+        **kwargs: Unpack[SliMEProcessorKwargs],
     ) -> BatchFeature:
         """
         Tokenises prompts and processes their images.
+
+        Options are given flat (`padding="max_length"`) or per modality (`text_kwargs={...}`, `images_kwargs={...}`,
+        `common_kwargs={...}`), and merged by [`~transformers.ProcessorMixin._merge_kwargs`] over
+        [`SliMEProcessorKwargs`]'s defaults; an option given both flat and in its modality's dict is a `ValueError`.
+        The tokenizer's own settings (e.g. its `padding_side`) are not used: SliME's prompts are encoded and padded
+        here, and its defaults are the processor's.
 
         Args:
             images (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor`, `str` or a list of them, *optional*):
@@ -869,57 +936,48 @@ class SliMEProcessor(ProcessorMixin):
             text (`str` or `list[str]`, *optional*):
                 The prompt(s), already rendered by a chat template, with `<image>` where each image goes (any number,
                 anywhere).
-            padding (`bool` or `str`, *optional*, defaults to `True`):
-                `True` / `"longest"` pads to the longest prompt, `"max_length"` to `max_length`, `False` /
-                `"do_not_pad"` not at all.
-            padding_side (`str`, *optional*):
-                `"left"` (default, for generation) or `"right"` (training).
-            return_tensors (`str`, *optional*, defaults to `"pt"`):
-                `"pt"`, `"np"` or `None` (lists).
             **kwargs:
-                `add_special_tokens` (default `True`), `max_length`, `pad_to_multiple_of`, `return_attention_mask`,
-                `truncation` (with `max_length`: each row's text ids are cut at the end to `max_length`; a cut that
-                would drop an `<image>` placeholder raises a `ValueError` naming the sample; the model's own limit on
-                the assembled sequence is separate), and `images_kwargs` (a dict passed to the image processor).
-                `videos` / `audio` / `audios` are accepted when empty (`None`, `[]`); SliME takes no other media.
+                Text options: `padding` (default `True`: `True` / `"longest"` pads to the longest prompt,
+                `"max_length"` to `max_length`, `False` / `"do_not_pad"` not at all), `padding_side` (`"left"`, the
+                default, for generation, or `"right"` for training), `return_tensors` (default `"pt"`; `"np"` or
+                `None` for lists), `add_special_tokens` (default `True`), `max_length`, `pad_to_multiple_of`,
+                `return_attention_mask` (default `True`), `truncation` (with `max_length`: each row's text ids are cut
+                at the end to `max_length`; a cut that would drop an `<image>` placeholder raises a `ValueError`
+                naming the sample; the model's own limit on the assembled sequence is separate). Image processor
+                options (flat or in `images_kwargs`) go to the image processor. `videos` / `audio` / `audios` are
+                accepted when empty (`None`, `[]`); SliME takes no other media. Unknown options are a `TypeError`.
 
         Returns:
             [`BatchFeature`]: `input_ids`, `attention_mask` and, with images, `pixel_values`
             `(num_images, max_views, 3, 336, 336)` and `image_sizes` `(num_images, 2)` (height, width).
         """
-        # Nested kwargs (`text_kwargs`, `images_kwargs`, ... as `ProcessorMixin` passes them) merge with flat ones.
-        images_kwargs = dict(kwargs.pop("images_kwargs", None) or {})
-        images_kwargs.pop("return_tensors", None)
-        for key in ("common_kwargs", "text_kwargs"):
-            kwargs.update(kwargs.pop(key, None) or {})
-        padding = kwargs.pop("padding", padding)
-        padding_side = kwargs.pop("padding_side", padding_side) or "left"
-        return_tensors = kwargs.pop("return_tensors", return_tensors)
-        add_special_tokens = kwargs.pop("add_special_tokens", True)
-        max_length = kwargs.pop("max_length", None)
-        pad_to_multiple_of = kwargs.pop("pad_to_multiple_of", None)
-        return_attention_mask = kwargs.pop("return_attention_mask", True)
+        kwargs = dict(kwargs)
         for unsupported in ("videos", "audio", "audios"):
             # Generic callers (lmms-eval, `apply_chat_template`) pass `videos=None` / `[]`; only actual content is refused.
             if not _is_empty_media(kwargs.pop(unsupported, None)):
                 raise ValueError(f"SliME takes images and text only, got {unsupported}.")
-        truncation = kwargs.pop("truncation", None)
+        merged = self._merge_call_kwargs(kwargs)
+        text_kwargs = merged["text_kwargs"]
+        images_kwargs = merged["images_kwargs"]
+        # One `BatchFeature`, one tensor type: the image processor gets the text's.
+        images_kwargs.pop("return_tensors", None)
+        padding = text_kwargs.get("padding", True)
+        padding_side = text_kwargs.get("padding_side") or "left"
+        return_tensors = text_kwargs.get("return_tensors")
+        add_special_tokens = text_kwargs.get("add_special_tokens", True)
+        max_length = text_kwargs.get("max_length")
+        pad_to_multiple_of = text_kwargs.get("pad_to_multiple_of")
+        return_attention_mask = text_kwargs.get("return_attention_mask", True)
+        truncation = text_kwargs.get("truncation")
         if truncation not in (None, False, True, "do_not_truncate", "longest_first", "only_first"):
             raise ValueError(f"SliMEProcessor truncates the text at the end only; got truncation={truncation!r}.")
         truncation = truncation not in (None, False, "do_not_truncate")
         if truncation and max_length is None:
             raise ValueError("truncation=True needs max_length (the number of text ids to keep).")
-        if kwargs.pop("sanitize_control_tokens", False):
-            raise ValueError("SliMEProcessor does not support sanitize_control_tokens.")
-        if kwargs.pop("return_offsets_mapping", False):
-            raise ValueError("SliMEProcessor does not return offset mappings.")
-        for ignored in ("return_text_replacement_offsets", "return_mm_token_type_ids", "return_token_type_ids"):
-            kwargs.pop(ignored, None)
-        # Flat image processor options (e.g. `num_threads=1`) go to the image processor.
-        image_options = getattr(getattr(self.image_processor, "valid_kwargs", None), "__annotations__", {})
-        images_kwargs.update({key: kwargs.pop(key) for key in list(kwargs) if key in image_options})
-        if kwargs:
-            raise TypeError(f"SliMEProcessor.__call__ got unexpected keyword arguments: {sorted(kwargs)}.")
+        if max_length is not None and (
+            isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 1
+        ):
+            raise ValueError(f"max_length must be a positive integer, got {max_length!r}.")
         if text is None and images is None:
             raise ValueError("Give text, images, or both.")
         if padding_side not in ("left", "right"):
@@ -957,6 +1015,49 @@ class SliMEProcessor(ProcessorMixin):
             image_inputs = self.image_processor(flat_images, return_tensors=return_tensors, **images_kwargs)
             data.update(image_inputs)
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _merge_call_kwargs(self, kwargs: dict) -> dict[str, dict]:
+        """
+        `__call__`'s options by modality: unknown ones refused, unsupported ones refused when set, then
+        [`~transformers.ProcessorMixin._merge_kwargs`] over [`SliMEProcessorKwargs`] (which raises a `ValueError` for
+        an option given both flat and in its modality's dict). The tokenizer's init kwargs are deliberately not merged
+        in: SliME's defaults (left padding, ...) do not depend on how the tokenizer was configured.
+        """
+        image_options = set(getattr(getattr(self.image_processor, "valid_kwargs", None), "__annotations__", {}))
+        known = _TEXT_OPTIONS.union(_REFUSED_TEXT_OPTIONS, _IGNORED_TEXT_OPTIONS)
+        nested = ("text_kwargs", "common_kwargs", "images_kwargs")
+        for name in nested:
+            if name in kwargs:
+                if kwargs[name] is None:
+                    kwargs.pop(name)
+                elif not isinstance(kwargs[name], dict):
+                    kind = type(kwargs[name]).__name__
+                    raise TypeError(f"SliMEProcessor.__call__: {name} must be a dict, got {kind}.")
+                else:
+                    kwargs[name] = dict(kwargs[name])
+        unexpected = sorted(key for key in kwargs if key not in known | image_options and key not in nested)
+        unexpected += sorted(f"text_kwargs[{key!r}]" for key in kwargs.get("text_kwargs", {}) if key not in known)
+        unexpected += sorted(
+            f"common_kwargs[{key!r}]" for key in kwargs.get("common_kwargs", {}) if key not in known | image_options
+        )
+        if unexpected:
+            raise TypeError(f"SliMEProcessor.__call__ got unexpected keyword arguments: {unexpected}.")
+        # Accepted for generic callers (transformers' `apply_chat_template`, trl), handled here: not every transformers
+        # version knows them, and `_merge_kwargs` would drop the unknown ones with a warning.
+        places = [kwargs, kwargs.get("text_kwargs", {}), kwargs.get("common_kwargs", {})]
+        if any(place.pop("sanitize_control_tokens", False) for place in places):
+            raise ValueError("SliMEProcessor does not support sanitize_control_tokens.")
+        if any(place.pop("return_offsets_mapping", False) for place in places):
+            raise ValueError("SliMEProcessor does not return offset mappings.")
+        for place in places:
+            for ignored in _IGNORED_TEXT_OPTIONS:
+                place.pop(ignored, None)
+        try:
+            return self._merge_kwargs(SliMEProcessorKwargs, tokenizer_init_kwargs=None, **kwargs)
+        except StrictDataclassError as error:
+            # transformers validates the merged options against their types (e.g. `do_normalize="x"` in the image
+            # options); bad input is a ValueError here, as everywhere in SliME.
+            raise ValueError(f"SliMEProcessor.__call__: invalid option. {error}") from error
 
     def _truncate(self, ids: list[int], max_length: int, index: int, batch_size: int) -> list[int]:
         """Cuts one row of text ids at the end to `max_length`; a cut that would drop an image placeholder raises."""
@@ -1039,7 +1140,16 @@ class SliMEProcessor(ProcessorMixin):
             `list[str]`: The processor config file.
         """
         os.makedirs(save_directory, exist_ok=True)
-        files = super().save_pretrained(save_directory, push_to_hub=False)
+        # The tokenizer and the processor write their chat templates to the same files (`chat_template.jinja`,
+        # `additional_chat_templates/`); the processor's are the folder's. A tokenizer loaded from a saved folder holds
+        # that folder's templates: saved as they are, its named ones would outlive a replaced `processor.chat_template`
+        # and come back on loading (or conflict with a `chat_template.json`). So the tokenizer saves the processor's.
+        tokenizer_template = self.tokenizer.chat_template
+        self.tokenizer.chat_template = self.chat_template
+        try:
+            files = super().save_pretrained(save_directory, push_to_hub=False)
+        finally:
+            self.tokenizer.chat_template = tokenizer_template
         if self._sentencepiece_encoder is not None:
             with open(os.path.join(save_directory, SENTENCEPIECE_MODEL_FILE), "wb") as f:
                 f.write(self._sentencepiece_encoder.model_proto)
@@ -1069,10 +1179,13 @@ class SliMEProcessor(ProcessorMixin):
             chat_template_name (`str`, *optional*):
                 Name of the default chat template (a key of [`CHAT_TEMPLATES`]), overriding the saved or chosen one.
             **kwargs:
-                Hub arguments (`revision`, `token`, `cache_dir`, `subfolder`, ...), `image_processor` (an instance to
-                use instead of the saved one), and `SliMEProcessor` arguments (`chat_template`, `image_token`,
-                `sentencepiece_legacy`). Other keyword arguments (e.g. the model's `dtype` or `device_map`, which
-                `pipeline` passes to the processor too) are ignored.
+                Hub arguments (`revision`, `token`, `cache_dir`, `subfolder`, ...), `tokenizer` / `image_processor`
+                (instances to use instead of the saved ones), `SliMEProcessor` arguments (`chat_template`,
+                `image_token`, `sentencepiece_legacy`), image processor options (e.g. `do_normalize=False`) and
+                tokenizer options (special tokens such as `cls_token="<cls>"`, `model_max_length`, `padding_side`,
+                ...), which are passed on to them as [`~transformers.ProcessorMixin.from_pretrained`] does. Other
+                keyword arguments (e.g. the model's `dtype` or `device_map`, which `pipeline` passes to the processor
+                too) are ignored.
 
         Returns:
             [`SliMEProcessor`]
@@ -1101,11 +1214,16 @@ class SliMEProcessor(ProcessorMixin):
         # Checked before the tokenizer is built from it: a corrupt tokenizer.model is an error naming the file.
         model_file = resolve(SENTENCEPIECE_MODEL_FILE)
         model_proto = _load_sentencepiece_proto(model_file)
-        tokenizer = kwargs.pop("tokenizer", None) or cls._load_tokenizer(path, resolve, hub_kwargs)
+        tokenizer = kwargs.pop("tokenizer", None)
+        if tokenizer is None:
+            tokenizer_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if _is_tokenizer_option(key)}
+            tokenizer = cls._load_tokenizer(path, resolve, {**hub_kwargs, **tokenizer_kwargs})
 
         image_processor = kwargs.pop("image_processor", None)
         if image_processor is None:
-            image_processor = cls._load_image_processor(processor_dict.get("image_processor"), resolve, backend)
+            image_processor = cls._load_image_processor(
+                processor_dict.get("image_processor"), resolve, backend, options=kwargs
+            )
 
         legacy = kwargs.pop("sentencepiece_legacy", processor_dict.get("sentencepiece_legacy"))
         if legacy is None and model_proto is not None:
@@ -1158,25 +1276,34 @@ class SliMEProcessor(ProcessorMixin):
 
     @staticmethod
     def _load_image_processor(
-        config: dict | None, resolve: Callable[[str], str | None], backend: str | None = None
+        config: dict | None,
+        resolve: Callable[[str], str | None],
+        backend: str | None = None,
+        options: dict | None = None,
     ) -> Any:
+        """The image processor of a folder; `options` (the caller's kwargs) that are image processor options (its
+        `valid_kwargs`) are popped from it and override the saved config."""
         if backend is not None and backend not in _IMAGE_PROCESSOR_BACKENDS:
             raise ValueError(
                 f"Unknown image processor backend {backend!r}; choose one of {sorted(_IMAGE_PROCESSOR_BACKENDS)}."
             )
+        options = {} if options is None else options
         if config is None:
             config = _read_json(resolve(_IMAGE_PROCESSOR_CONFIG_FILE)) or None
         image_processor_class = _IMAGE_PROCESSOR_BACKENDS[backend] if backend is not None else None
-        if config is not None:
-            saved_class = _IMAGE_PROCESSOR_CLASSES.get(config.get("image_processor_type"))
-            if saved_class is not None:
-                return (image_processor_class or saved_class).from_dict(config)
+        saved_class = _IMAGE_PROCESSOR_CLASSES.get(config.get("image_processor_type")) if config is not None else None
+        if config is not None and saved_class is None:
             # e.g. a CLIP preprocessor config: SliME slices images itself.
             logger.warning(
                 f"Ignoring the image processor config of type {config.get('image_processor_type')!r}: SliME uses "
                 "its own image processor."
             )
-        return (image_processor_class or SliMEImageProcessorPil)()
+        image_processor_class = image_processor_class or saved_class or SliMEImageProcessorPil
+        valid = getattr(getattr(image_processor_class, "valid_kwargs", None), "__annotations__", {})
+        overrides = {key: options.pop(key) for key in list(options) if key in valid}
+        if saved_class is not None:
+            return image_processor_class.from_dict(config, **overrides)
+        return image_processor_class(**overrides)
 
 
 __all__ = [

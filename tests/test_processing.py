@@ -522,3 +522,53 @@ def test_save_and_reload_in_process(processors, variant, tmp_path):
     assert third.chat_template["default"] == CHAT_TEMPLATES["plain"]
     for entry in PROMPTS:
         assert third.tokenize_prompt(entry["text"]) == processor.tokenize_prompt(entry["text"]), entry["name"]
+
+
+def test_call_defaults_and_kwargs_merging(processors):
+    from slime_hf.processing_slime import SliMEProcessorKwargs
+
+    processor = processors["V"]
+    defaults = json.dumps(SliMEProcessorKwargs._defaults, sort_keys=True)
+    texts = ["a", "a b c"]
+    side = processor.tokenizer.padding_side
+    try:
+        # The processor's defaults (left padding, tensors) whatever the tokenizer's own padding side.
+        processor.tokenizer.padding_side = "right"
+        out = processor(text=texts)
+        assert isinstance(out["input_ids"], torch.Tensor) and out["attention_mask"][0].tolist()[0] == 0
+    finally:
+        processor.tokenizer.padding_side = side
+    # common_kwargs apply to one call only (transformers 5.17 would write them into class-level defaults).
+    as_numpy = processor(text=texts, common_kwargs={"return_tensors": "np"})
+    assert type(as_numpy["input_ids"]).__module__ == "numpy"
+    assert isinstance(processor(text=texts)["input_ids"], torch.Tensor)
+    assert json.dumps(SliMEProcessorKwargs._defaults, sort_keys=True) == defaults
+    # One option twice (flat and nested) is refused, as transformers' `_merge_kwargs` does.
+    with pytest.raises(ValueError, match="padding was passed two times"):
+        processor(text=texts, padding="longest", text_kwargs={"padding": False})
+    with pytest.raises(TypeError, match="unexpected keyword.*text_kwargs"):
+        processor(text="hello", text_kwargs={"not_an_option": 1})
+    with pytest.raises(ValueError, match="max_length must be a positive integer"):
+        processor(text="hello", max_length=0)
+
+
+def test_from_pretrained_passes_component_options():
+    processor = SliMEProcessor.from_pretrained(
+        FIXTURES / "V" / "checkpoint", cls_token="<cls>", do_normalize=False, dtype=torch.float16, device_map="cpu"
+    )
+    assert processor.tokenizer.cls_token == "<cls>" and processor.image_processor.do_normalize is False
+    # The model's loading kwargs that `pipeline` passes along are not tokenizer options.
+    assert "dtype" not in processor.tokenizer.init_kwargs and "device_map" not in processor.tokenizer.init_kwargs
+
+
+def test_replaced_chat_template_is_what_is_saved(tmp_path):
+    processor = SliMEProcessor.from_pretrained(FIXTURES / "V" / "checkpoint")
+    processor.save_pretrained(tmp_path / "named")
+    reloaded = SliMEProcessor.from_pretrained(tmp_path / "named")
+    assert reloaded.tokenizer.chat_template == processor.chat_template  # the tokenizer loads the folder's templates
+    reloaded.chat_template = CHAT_TEMPLATES["plain"]
+    reloaded.save_pretrained(tmp_path / "single")
+    # The tokenizer's named templates (from the first folder) are not written again.
+    assert not (tmp_path / "single" / "additional_chat_templates").exists()
+    assert SliMEProcessor.from_pretrained(tmp_path / "single").chat_template == CHAT_TEMPLATES["plain"]
+    assert reloaded.tokenizer.chat_template == processor.chat_template  # saving leaves the tokenizer as it was

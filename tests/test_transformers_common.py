@@ -56,11 +56,6 @@ def pending(reason: str):
     return pytest.mark.xfail(reason="PENDING-MODELING-FIX: " + reason, strict=False)
 
 
-def pending_processor(reason: str):
-    """A known bug of slime_hf/processing_slime.py: an expected failure until that file is fixed (then remove it)."""
-    return pytest.mark.xfail(reason="PENDING-PROCESSOR-FIX: " + reason, strict=False)
-
-
 class SliMEModelTester:
     # 7 rows: the eager-vs-SDPA test runs 7 rows and would pad a smaller batch with random rows (no `<image>` in
     # their ids but images in their pixel_values).
@@ -273,29 +268,3 @@ class SliMEProcessorTest(ProcessorTesterMixin, unittest.TestCase):
     @unittest.skip(_AUTO_MAP)
     def test_processor_from_and_save_pretrained_as_nested_dict(self):
         pass
-
-    # -- known processor bugs ---------------------------------------------------------------------------------------
-    @pending_processor("__call__ has explicit `padding`, `padding_side`, `return_tensors` arguments with non-None "
-                       "defaults; transformers 5 wants them in the processor's ProcessingKwargs defaults")
-    def test_call_arguments_default_none(self):
-        super().test_call_arguments_default_none()
-
-    @pending_processor("__call__ has explicit `padding`, `padding_side`, `return_tensors` arguments that "
-                       "ProcessingKwargs also defines")
-    def test_call_arguments_not_in_processor_kwargs(self):
-        super().test_call_arguments_not_in_processor_kwargs()
-
-    @pending_processor("`padding` passed both flat and in text_kwargs is silently resolved (text_kwargs wins) "
-                       "instead of raising a ValueError")
-    def test_overlapping_text_image_kwargs_handling_0_images(self):
-        super().test_overlapping_text_image_kwargs_handling_0_images()
-
-    @pending_processor("from_pretrained does not hand tokenizer kwargs (cls_token=..., sep_token=...) to the tokenizer")
-    def test_save_load_pretrained_additional_features(self):
-        super().test_save_load_pretrained_additional_features()
-
-    @pending_processor("a processor whose chat_template was replaced by one string still saves the tokenizer's old "
-                       "named templates (additional_chat_templates/), so a legacy chat_template.json beside them cannot "
-                       "be loaded")
-    def test_chat_template_save_loading(self):
-        super().test_chat_template_save_loading()
