@@ -86,10 +86,9 @@ def load(model_id: str | None, device: str = "cpu", dtype: str = "float32"):
     """Loads (model, processor, label) for the demo: the embedded demo model or a release."""
     import torch
 
+    from .checkpoints import read_slime_config
     from .modeling_slime import SliMEForConditionalGeneration
     from .processing_slime import SliMEProcessor
-
-    from .checkpoints import read_slime_config
 
     label = None
     if model_id is None:
@@ -144,7 +143,6 @@ class StageTimer:
             start = time.perf_counter()
             out = features(*args, **kwargs)
             self.image_path += time.perf_counter() - start
-            self.features = out
             return out
 
         inner.encode_views, inner.get_image_features = timed_encode, timed_features
@@ -180,14 +178,14 @@ def run(args: argparse.Namespace, out=sys.stdout) -> str:
     processor_time = time.perf_counter() - start
 
     timer = StageTimer(model)
-    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=False, skip_special_tokens=True)
+    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     generate_kwargs = dict(**inputs, streamer=streamer, max_new_tokens=args.max_new_tokens, do_sample=False,
-                           router_top_p=args.router_top_p)
-    errors = []
+                           router_top_p=args.router_top_p, return_dict_in_generate=True)
+    errors, results = [], []
 
     def target():
         try:
-            model.generate(**generate_kwargs)
+            results.append(model.generate(**generate_kwargs))
         except Exception as error:  # noqa: BLE001 - re-raised in the main thread
             errors.append(error)
             streamer.end()
@@ -209,7 +207,7 @@ def run(args: argparse.Namespace, out=sys.stdout) -> str:
         raise errors[0]
     first_token_at = first_token_at or end
 
-    budget = timer.features.image_token_budget[0]
+    budget = results[0].image_token_budget[0]
     print(
         f"token budget: global {budget['global']} + separator {budget['separator']} + local kept "
         f"{budget['local_kept']} of {budget['local_total']} = {budget['total']} image tokens "
