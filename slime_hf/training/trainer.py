@@ -288,7 +288,10 @@ class SliMETrainer(Trainer):
         if not self.is_world_process_zero():
             return
         base = _unwrap_peft(self.accelerator.unwrap_model(self.model))
-        as_list = (lambda value: [value] if isinstance(value, str) else value)
+
+        def as_list(value: str | list[str] | None) -> list[str] | None:
+            return [value] if isinstance(value, str) else value
+
         self._write_model_card(
             self.args.output_dir,
             base.config,
