@@ -177,6 +177,37 @@ class SliMEModelTest(ModelTesterMixin, unittest.TestCase):
         self._head_class_only()
         super().test_training()
 
+    def test_keep_in_fp32_modules(self):
+        """transformers' rule (a float16 load keeps `_keep_in_fp32_modules` in float32, a bfloat16 load casts
+        everything), with one SliME-specific exception: the resamplers' sin-cos position tables keep the dtype they
+        are rounded to (float16 for the authors' checkpoints, as the original builds them) whatever the load dtype,
+        or the local tokens move by ~2e-4 (the same check without the tables is transformers' own)."""
+        import re
+        import tempfile
+
+        config, _inputs = self.model_tester.prepare_config_and_inputs_for_common()
+        for model_class in self.all_model_classes:
+            with self.subTest(model_class.__name__), tempfile.TemporaryDirectory() as folder:
+                model = model_class(copy.deepcopy(config))
+                keep = set(model._keep_in_fp32_modules) | set(model._keep_in_fp32_modules_strict or ())
+                self.assertTrue(keep)
+                model.save_pretrained(folder)
+                for load_dtype in (torch.float16, torch.bfloat16):
+                    loaded = model_class.from_pretrained(folder, dtype=load_dtype)
+                    upcast = keep if load_dtype == torch.float16 else set(loaded._keep_in_fp32_modules_strict or ())
+                    for name, param in loaded.state_dict().items():
+                        if not param.is_floating_point():
+                            continue
+                        if name.endswith("position_table"):
+                            table_dtype = getattr(torch, config.position_table_dtype)
+                            expected = torch.float32 if any(re.search(rf"(?:^|\.){k}(?:\.|$)", name)
+                                                            for k in upcast) else table_dtype
+                            self.assertIn(param.dtype, {expected, table_dtype}, name)
+                        elif any(re.search(rf"(?:^|\.){k}(?:\.|$)", name) for k in upcast):
+                            self.assertEqual(param.dtype, torch.float32, f"{name} not upcasted to fp32")
+                        else:
+                            self.assertEqual(param.dtype, load_dtype, f"{name} was upcasted but it should NOT be")
+
     _FROZEN_TOWER = (
         "the CLIP tower is frozen (run under no_grad), so the first checkpointed layer the test instruments (a CLIP "
         "encoder layer) is never checkpointed; the text model's checkpointing is tested in tests/test_modeling.py"
