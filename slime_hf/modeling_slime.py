@@ -617,6 +617,22 @@ def copy_remote_code(save_directory: str) -> None:
             shutil.copyfile(path, os.path.join(save_directory, name))
 
 
+def _write_default_model_card(folder: str, config: SliMEConfig) -> None:
+    """A model card (`README.md`) for a saved folder that has none, when the slime_hf package is installed (a lazy
+    import, skipped with the remote code alone). The trainer and the converter write fuller cards; an existing
+    `README.md` is never replaced."""
+    if os.path.exists(os.path.join(folder, "README.md")):
+        return
+    try:
+        from slime_hf.model_card import save_model_card
+    except ImportError:
+        return
+    source = getattr(config, "_name_or_path", None) or None
+    # Hub metadata takes Hub ids only (a local starting point is not named).
+    hub_id = source if source and not os.path.exists(source) and re.match(r"^[\w.-]+/[\w.-]+$", source) else None
+    save_model_card(folder, base_model=hub_id, router_top_p=config.router_top_p)
+
+
 class SliMEPreTrainedModel(PreTrainedModel):
     config_class = SliMEConfig
     config: SliMEConfig
@@ -643,6 +659,7 @@ class SliMEPreTrainedModel(PreTrainedModel):
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             copy_remote_code(str(save_directory))
+            _write_default_model_card(str(save_directory), self.config)
 
     @torch.no_grad()
     def _init_weights(self, module):

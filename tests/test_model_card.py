@@ -216,3 +216,19 @@ def test_a_trainer_save_writes_the_model_card(fixture_model, tmp_path, stage):
         pushed = (tmp_path / "run" / "README.md").read_text()
         assert pushed.startswith("---\n") and "# my-slime" in pushed and "## Training" in pushed
         assert _metadata(pushed)["datasets"] == ["me/my-data"] and "extra" in _metadata(pushed)["tags"]
+
+
+def test_save_pretrained_writes_a_card_and_keeps_an_existing_one(tmp_path):
+    import torch
+
+    import golden_utils as gu
+    from slime_hf import SliMEForConditionalGeneration
+
+    model = SliMEForConditionalGeneration.from_pretrained(gu.checkpoint_dir("V"), dtype=torch.float32)
+    model.save_pretrained(tmp_path / "fresh")
+    card = (tmp_path / "fresh" / "README.md").read_text()
+    assert card.startswith("---\n") and "license_link:" in card and "# SliME" in card
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "README.md").write_text("my own card\n")
+    model.save_pretrained(tmp_path / "kept")
+    assert (tmp_path / "kept" / "README.md").read_text() == "my own card\n"
