@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-deepspeed install clean
+.PHONY: demo test test-deepspeed lint format install clean
 
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -c "import torch, transformers, huggingface_hub; print('torch', torch.__version__, '| transformers', transformers.__version__, '| huggingface_hub', huggingface_hub.__version__)"
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+# ruff, configured in ruff.toml: `make lint` checks (lint rules, then formatting) and changes nothing; `make format`
+# applies the formatter and the safe lint fixes (import order).
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 # Not part of `make test`: installs the optional DeepSpeed extra (pure Python; its CPU backend compiles a small op
 # with the system C++ compiler on first use) and runs the two-process ZeRO-2 / ZeRO-3 tests on the CPU.

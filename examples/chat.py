@@ -16,8 +16,16 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from _common import add_model_arguments, check_image_files, demo_image, generation_kwargs, load_model, run_cli
-from _common import stream_generate, user_content
+from _common import (
+    add_model_arguments,
+    check_image_files,
+    demo_image,
+    generation_kwargs,
+    load_model,
+    run_cli,
+    stream_generate,
+    user_content,
+)
 
 
 def read_turns(stdin=sys.stdin, stdout=sys.stdout) -> Iterator[str]:

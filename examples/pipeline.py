@@ -13,8 +13,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from _common import IMAGE_TOKEN, add_model_arguments, check_device, check_image_files, check_placeholders
-from _common import demo_image, generation_kwargs, model_folder, run_cli, user_content
+from _common import (
+    IMAGE_TOKEN,
+    add_model_arguments,
+    check_device,
+    check_image_files,
+    check_placeholders,
+    demo_image,
+    generation_kwargs,
+    model_folder,
+    run_cli,
+    user_content,
+)
 
 
 def answer(args: argparse.Namespace) -> None:

@@ -19,8 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import add_model_arguments, check_image_files, check_placeholders, demo_image, load_model, run_cli
-from _common import user_content
+from _common import (
+    add_model_arguments,
+    check_image_files,
+    check_placeholders,
+    demo_image,
+    load_model,
+    run_cli,
+    user_content,
+)
 
 
 @dataclass

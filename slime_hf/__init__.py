@@ -5,7 +5,12 @@ Importing the package registers SliME with the Auto classes (`AutoConfig`, `Auto
 """
 
 from .configuration_slime import SliMEConfig
-from .image_processing_slime import SliMEImageProcessor, SliMEImageProcessorPil, get_slice_grid, register_image_processors
+from .image_processing_slime import (
+    SliMEImageProcessor,
+    SliMEImageProcessorPil,
+    get_slice_grid,
+    register_image_processors,
+)
 from .modeling_slime import SliMEForConditionalGeneration, SliMEModel, SliMEPreTrainedModel
 from .processing_slime import SliMEProcessor
 

@@ -145,7 +145,9 @@ class SliMEConfig(PreTrainedConfig):
             raise ValueError("use_global_only and use_local_only cannot both be set")
         side = int(round(local_compressor_num_queries**0.5))
         if side * side != local_compressor_num_queries:
-            raise ValueError(f"local_compressor_num_queries must be a square number, got {local_compressor_num_queries}")
+            raise ValueError(
+                f"local_compressor_num_queries must be a square number, got {local_compressor_num_queries}"
+            )
 
         self.image_token_id = image_token_id
         self.vision_feature_layer = vision_feature_layer

@@ -29,7 +29,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-
 from transformers.image_processing_backends import PilBackend
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
@@ -1002,21 +1001,39 @@ def register_image_processors(config_class: type) -> None:
             The model's configuration class (`SliMEConfig`).
     """
     from transformers import AutoImageProcessor
-    from transformers.models.auto import image_processing_auto
 
     AutoImageProcessor.register(
         config_class,
         image_processor_classes={"pil": SliMEImageProcessorPil, "torch": SliMEImageProcessor},
         exist_ok=True,
     )
-    # Without an explicit backend, transformers asks for "torchvision" when it is importable and then falls back to
-    # the PIL entry with a misleading "backend not available" warning; listing the class among the processors that
-    # default to PIL makes it ask for "pil" directly. The fallback still returns the PIL class if this list goes away.
+    _default_to_pil_backend()
+
+
+def _default_to_pil_backend() -> bool:
+    """
+    Makes `AutoImageProcessor.from_pretrained` without `backend=` ask for the PIL backend of SliME's processors.
+
+    Works around a missing public API (transformers 5.17 to 5.25 at least): `AutoImageProcessor.register` takes the
+    classes per backend but no default backend, and without an explicit one transformers asks for "torchvision"
+    whenever torchvision is importable, then falls back to the PIL entry with a misleading "backend not available"
+    warning. The only hook is the private module list `DEFAULT_TO_PIL_BACKEND_IMAGE_PROCESSORS` of
+    `transformers.models.auto.image_processing_auto` (the Lanczos processors' list), which this appends SliME's
+    class names to. The fallback still returns the PIL class if the list goes away; `tests/test_transformers_private.py`
+    fails when transformers renames it or stops consulting it, so that this function gets revisited.
+
+    Returns:
+        `bool`: whether the list was found and holds SliME's class names.
+    """
+    from transformers.models.auto import image_processing_auto
+
     defaults = getattr(image_processing_auto, "DEFAULT_TO_PIL_BACKEND_IMAGE_PROCESSORS", None)
-    if isinstance(defaults, list):
-        for name in ("SliMEImageProcessor", "SliMEImageProcessorPil"):
-            if name not in defaults:
-                defaults.append(name)
+    if not isinstance(defaults, list):
+        return False
+    for name in ("SliMEImageProcessor", "SliMEImageProcessorPil"):
+        if name not in defaults:
+            defaults.append(name)
+    return True
 
 
 __all__ = [

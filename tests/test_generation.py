@@ -240,7 +240,7 @@ def test_two_threads_get_their_own_answers_and_budgets(loaded):
         thread.start()
     for thread in threads:
         thread.join()
-    for index, (inputs, golden) in enumerate(requests):
+    for index, (_inputs, golden) in enumerate(requests):
         expected_ids = [golden["generated_new_ids"][0][:6]]
         expected_kept = [len(gu.selected(i)) for i in golden["images"]]
         assert len(results[index]) == 3

@@ -135,7 +135,8 @@ def test_only_the_text_model_is_quantized(backend, saved_folder, float32_model):
                 assert type(linear) is nn.Linear and type(linear.weight) is nn.Parameter, f"{prefix}.{name}"
         for name, parameter in module.named_parameters():
             reference = float32_model.get_parameter(f"model.{prefix}.{name}")
-            # the dtypes of the float32 load (position tables: their stored float16, Decision 6), the same values
+            # the dtypes of the float32 load (position tables stay float16: the original rounds them to float16, and
+            # the kept local tokens depend on that rounding), the same values
             assert type(parameter) is nn.Parameter and parameter.dtype == reference.dtype, f"{prefix}.{name}"
             assert torch.equal(parameter, reference), f"{prefix}.{name}"
 

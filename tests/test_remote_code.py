@@ -19,7 +19,8 @@ def _converter_hide_package() -> str:
     """The converter's verification runs with `slime_hf` hidden; the tests hide it the same way."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("convert_slime_to_hf", PROJECT_ROOT / "conversion" / "convert_slime_to_hf.py")
+    script = PROJECT_ROOT / "conversion" / "convert_slime_to_hf.py"
+    spec = importlib.util.spec_from_file_location("convert_slime_to_hf", script)
     module = sys.modules.get(spec.name)
     if module is None:
         module = importlib.util.module_from_spec(spec)

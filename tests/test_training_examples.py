@@ -73,8 +73,11 @@ def test_deepspeed_and_accelerate_configs():
 
 
 def test_zero3_parts_are_loaded_whole_and_the_config_restored():
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, set_hf_deepspeed_config
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+    from transformers.integrations.deepspeed import (
+        is_deepspeed_zero3_enabled,
+        set_hf_deepspeed_config,
+        unset_hf_deepspeed_config,
+    )
 
     class FakeZero3Config:
         def is_zero3(self) -> bool:

@@ -1,5 +1,6 @@
-"""The training length limit (ARCHITECTURE Decision 8): the assembled sequence, after routing, is cut at the end to
-`config.training_max_length`, never inside an image block; the cuts are counted and logged."""
+"""The training length limit: the assembled sequence, after routing, is cut at the end to
+`config.training_max_length` as the original cuts it, but never inside an image block (a sample whose cut would fall
+in an image is refused or skipped and counted, not silently mangled); the cuts are counted and logged."""
 
 from __future__ import annotations
 

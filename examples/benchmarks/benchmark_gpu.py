@@ -171,8 +171,8 @@ def main() -> None:
         print(f"| {r['batch']} | {r['mode']} | {r['processor_pil_ms']:.1f} / {r['processor_torch_ms']:.1f} | "
               f"{r['encode_ms']:.1f} | {r['image_path_ms']:.1f} | {r['prefill_ms']:.1f} | {r['first_token_ms']:.1f} | "
               f"{r['decode_tok_s']:.1f} | {r['peak_gib']:.2f} |")
-    print(f"| 1 | original (H100, reference) | - | {REFERENCE['encode_ms']:.0f} | - | {REFERENCE['prefill_ms']:.0f} | - | "
-          f"{REFERENCE['decode_tok_s']:.0f} | - |")
+    print(f"| 1 | original (H100, reference) | - | {REFERENCE['encode_ms']:.0f} | - | "
+          f"{REFERENCE['prefill_ms']:.0f} | - | {REFERENCE['decode_tok_s']:.0f} | - |")
 
 
 if __name__ == "__main__":

@@ -163,7 +163,8 @@ def print_kept_index_changes(fixtures: Path) -> None:
             if not case["images"] or case["name"] == "batched_left_pad":
                 continue
             inputs = fast([Image.open(fixtures / f) for f in case["image_files"]])
-            ids = torch.tensor(json.loads(case["input_ids"]) if isinstance(case["input_ids"], str) else case["input_ids"])
+            ids = case["input_ids"]
+            ids = torch.tensor(json.loads(ids) if isinstance(ids, str) else ids)
             ids[ids == -200] = model.config.image_token_id
             with torch.no_grad():
                 kept = model.get_image_features(inputs["pixel_values"], inputs["image_sizes"], ids,
@@ -172,7 +173,8 @@ def print_kept_index_changes(fixtures: Path) -> None:
                 golden = image["selected_indices"]
                 golden = set(json.loads(golden) if isinstance(golden, str) else golden)
                 ours = set(kept[index].tolist())
-                print(f"{variant:<8}{case['name']:<16}{index:>6}{len(golden):>15}{len(ours):>21}{len(golden ^ ours):>9}")
+                print(f"{variant:<8}{case['name']:<16}{index:>6}{len(golden):>15}{len(ours):>21}"
+                      f"{len(golden ^ ours):>9}")
 
 
 if __name__ == "__main__":

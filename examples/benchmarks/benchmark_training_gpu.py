@@ -78,7 +78,7 @@ def time_steps(model, batch: dict, steps: int, checkpointing: bool, device: str)
     seconds = (time.perf_counter() - start) / steps
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
     length = int(out.attention_mask.sum(1).max())
-    del optimizer, out
+    optimizer = out = None  # frees the optimizer state (`step` holds it too) before the next configuration
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()

@@ -71,7 +71,8 @@ def main() -> None:
             same_indices = True
             for i, image in enumerate(case["images"]):
                 refs = _value(image["tensors"])
-                for name, ours in (("global_out", features.global_tokens[i]), ("local_merged", features.local_tokens[i]),
+                for name, ours in (("global_out", features.global_tokens[i]),
+                                   ("local_merged", features.local_tokens[i]),
                                    ("router_scores", features.router_scores[i]),
                                    ("image_features", features.image_features[i])):
                     if refs.get(name):
