@@ -29,7 +29,19 @@ setup(
         "flash": ["flash-attn"],
         # quantized loading; verified with bitsandbytes 0.50.2 (its CPU backend), torchao 0.18.0, optimum-quanto 0.2.7
         "quant": ["bitsandbytes>=0.50", "torchao>=0.18", "optimum-quanto>=0.2.7"],
-        "dev": ["pytest", "pytest-timeout", "ruff>=0.17,<0.18", "matplotlib", "peft", "datasets", "trl>=1.15,<2",
-                "parameterized", "timeout-decorator", "bitsandbytes>=0.50", "torchao>=0.18", "optimum-quanto>=0.2.7"],
+        "dev": [
+            "pytest",
+            "pytest-timeout",
+            "ruff>=0.17,<0.18",
+            "matplotlib",
+            "peft",
+            "datasets",
+            "trl>=1.15,<2",
+            "parameterized",
+            "timeout-decorator",
+            "bitsandbytes>=0.50",
+            "torchao>=0.18",
+            "optimum-quanto>=0.2.7",
+        ],
     },
 )

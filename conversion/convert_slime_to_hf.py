@@ -42,7 +42,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-
 import torch
 from tqdm.auto import tqdm
 
@@ -71,8 +70,8 @@ from slime_hf.checkpoints import (
 )
 from slime_hf.model_card import SliMERelease, find_release, match_release, save_model_card
 from slime_hf.modeling_slime import (
-    ORIGINAL_MM_FIELDS,
     AUTO_MAP,
+    ORIGINAL_MM_FIELDS,
     config_from_original,
     copy_remote_code,
     is_original_layout,
@@ -86,8 +85,13 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 # Verification bound on the last-position logits, times max(1, max |reference logit|): both sides run in the output
 # dtype, so only the order of operations differs (float32), or also half-precision rounding of merged weights.
 LOGITS_BOUNDS = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json")
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
 PROCESSOR_FILES = ("processor_config.json", "chat_template.jinja", "chat_template.json", "preprocessor_config.json")
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w./-]+)?$")
 VERIFY_PROMPT = "Describe this image in detail."
@@ -130,8 +134,15 @@ def needed_files(files: list[str], role: str) -> list[str]:
         wanted += ["generation_config.json", *TOKENIZER_FILES, *PROCESSOR_FILES]
     if role == "input":
         adapter_model = [f for f in ("adapter_model.safetensors", "adapter_model.bin") if f in root][:1]
-        wanted += ["adapter_config.json", *adapter_model, "non_lora_trainables.safetensors", "non_lora_trainables.bin",
-                   "mm_projector.bin", "sampler.bin", ADAPTER_WEIGHTS_NAME]
+        wanted += [
+            "adapter_config.json",
+            *adapter_model,
+            "non_lora_trainables.safetensors",
+            "non_lora_trainables.bin",
+            "mm_projector.bin",
+            "sampler.bin",
+            ADAPTER_WEIGHTS_NAME,
+        ]
     return [f for f in dict.fromkeys(wanted) if f in root]
 
 
@@ -152,11 +163,12 @@ def resolve_path(reference: str, role: str = "input") -> str:
     owner, name, *sub = reference.split("/")
     repo_id, subfolder = f"{owner}/{name}", "/".join(sub)
     prefix = subfolder + "/" if subfolder else ""
-    files = [f[len(prefix):] for f in huggingface_hub.HfApi().list_repo_files(repo_id) if f.startswith(prefix)]
+    files = [f[len(prefix) :] for f in huggingface_hub.HfApi().list_repo_files(repo_id) if f.startswith(prefix)]
     wanted = needed_files(files, role)
     if not wanted:
-        raise ConversionError(f"the Hub repo {reference} holds none of the files a SliME conversion reads: "
-                              f"{files[:20]}")
+        raise ConversionError(
+            f"the Hub repo {reference} holds none of the files a SliME conversion reads: {files[:20]}"
+        )
     logger.info(f"downloading {len(wanted)} files of {reference}: {wanted}")
     local = huggingface_hub.snapshot_download(repo_id, allow_patterns=[prefix + f for f in wanted])
     return os.path.join(local, subfolder) if subfolder else local
@@ -247,7 +259,10 @@ class Plan:
                     raise ConversionError(f"{name} is given twice: in {self.tensors[name].source} and in {path}")
                 out_dtype = self.output_dtype(name, weights.dtype(key))
                 self.tensors[name] = PlannedTensor(
-                    name, weights.shape(key), out_dtype, path,
+                    name,
+                    weights.shape(key),
+                    out_dtype,
+                    path,
                     load=self._loader(path, key, name, out_dtype, merge=True),
                     load_unmerged=self._loader(path, key, name, out_dtype, merge=False),
                 )
@@ -269,8 +284,9 @@ class Plan:
             if name in self.tensors and not override:
                 raise ConversionError(f"{name} is given twice: in {self.tensors[name].source} and in {source}")
             out_dtype = self.output_dtype(name, tensor.dtype)
-            self.tensors[name] = PlannedTensor(name, tuple(tensor.shape), out_dtype, source,
-                                               load=lambda t=tensor, d=out_dtype: t.to(d))
+            self.tensors[name] = PlannedTensor(
+                name, tuple(tensor.shape), out_dtype, source, load=lambda t=tensor, d=out_dtype: t.to(d)
+            )
 
     def check(self, only_adapters: bool = False) -> None:
         """Checks names and shapes against the model the config describes, generates missing position tables (the
@@ -281,13 +297,15 @@ class Plan:
             expected = {k: v for k, v in expected.items() if k.startswith(ADAPTER_PREFIXES)}
         unexpected = sorted(n for n in self.tensors if _canonical(n) not in expected)
         if unexpected:
-            raise ConversionError(f"weights that a SliME model with this config does not have ({len(unexpected)}): "
-                                  f"{unexpected[:12]}")
+            raise ConversionError(
+                f"weights that a SliME model with this config does not have ({len(unexpected)}): {unexpected[:12]}"
+            )
         for name, planned in self.tensors.items():
             shape = expected[_canonical(name)][0]
             if planned.shape != shape:
-                raise ConversionError(f"{name} from {planned.source} has shape {planned.shape}, the config says "
-                                      f"{shape}")
+                raise ConversionError(
+                    f"{name} from {planned.source} has shape {planned.shape}, the config says {shape}"
+                )
         present = {_canonical(n) for n in self.tensors}
         missing = [n for n in expected if n not in present]
         if self.config.tie_word_embeddings:
@@ -295,14 +313,19 @@ class Plan:
             self.tensors.pop("lm_head.weight", None)
         local = [n for n in expected if n.startswith("model.local_compressor.")]
         if only_adapters and local and all(n in missing for n in local):
-            logger.warning("the adapter files hold no local compressor (sampler) weights: the stage checkpoint has the "
-                           "global adapter and the MLP expert only")
+            logger.warning(
+                "the adapter files hold no local compressor (sampler) weights: the stage checkpoint has the "
+                "global adapter and the MLP expert only"
+            )
             missing = [n for n in missing if n not in local]
         for name in [n for n in missing if n.endswith(".position_table")]:
             shape, dtype = expected[name]
             side = int(round(shape[0] ** 0.5))
             self.tensors[name] = PlannedTensor(
-                name, shape, dtype, "generated (sin-cos table)",
+                name,
+                shape,
+                dtype,
+                "generated (sin-cos table)",
                 load=lambda dim=shape[1], grid=side, d=dtype: sincos_position_table(dim, grid).to(d),
             )
             missing.remove(name)
@@ -340,8 +363,17 @@ def parse_size(size: str | int) -> int:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)?\s*", size, flags=re.IGNORECASE)
     if match is None:
         raise ConversionError(f"cannot read the size {size!r} (e.g. 5GB, 500MB, 1GiB)")
-    units = {"": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+    units = {
+        "": 1,
+        "kb": 10**3,
+        "mb": 10**6,
+        "gb": 10**9,
+        "tb": 10**12,
+        "kib": 2**10,
+        "mib": 2**20,
+        "gib": 2**30,
+        "tib": 2**40,
+    }
     return int(float(match[1]) * units[(match[2] or "").lower()])
 
 
@@ -364,8 +396,11 @@ def _write_shard(path: str, tensors: list[PlannedTensor], progress: tqdm) -> Non
     memory (format: little-endian u64 header size, JSON header padded to 8 bytes, then the raw data in order)."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for planned in tensors:
-        header[planned.name] = {"dtype": _SAFETENSORS_CODES[planned.dtype], "shape": list(planned.shape),
-                                "data_offsets": [offset, offset + planned.nbytes]}
+        header[planned.name] = {
+            "dtype": _SAFETENSORS_CODES[planned.dtype],
+            "shape": list(planned.shape),
+            "data_offsets": [offset, offset + planned.nbytes],
+        }
         offset += planned.nbytes
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
     header_bytes += b" " * (-len(header_bytes) % 8)
@@ -375,8 +410,10 @@ def _write_shard(path: str, tensors: list[PlannedTensor], progress: tqdm) -> Non
         for planned in tensors:
             tensor = planned.load()
             if tuple(tensor.shape) != planned.shape or tensor.dtype != planned.dtype:
-                raise ConversionError(f"{planned.name} from {planned.source} is {tuple(tensor.shape)} {tensor.dtype}, "
-                                      f"its header says {planned.shape} {planned.dtype}")
+                raise ConversionError(
+                    f"{planned.name} from {planned.source} is {tuple(tensor.shape)} {tensor.dtype}, "
+                    f"its header says {planned.shape} {planned.dtype}"
+                )
             data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
             handle.write(memoryview(data))
             progress.update(planned.nbytes)
@@ -387,16 +424,21 @@ def write_weights(plan: Plan, folder: str, max_shard_bytes: int) -> list[str]:
     """Streams the plan into `model.safetensors` or `model-0000i-of-0000N.safetensors` + index. Returns the files."""
     tensors = list(plan.tensors.values())
     shards = shard_plan(tensors, max_shard_bytes)
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    )
     total = sum(t.nbytes for t in tensors)
     with tqdm(total=total, unit="B", unit_scale=True, desc="Converting weights") as progress:
         for name, shard in zip(names, shards):
             _write_shard(os.path.join(folder, name), shard, progress)
     plan.files.close()
     if len(shards) > 1:
-        index = {"metadata": {"total_size": total},
-                 "weight_map": {t.name: name for name, shard in zip(names, shards) for t in shard}}
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": {t.name: name for name, shard in zip(names, shards) for t in shard},
+        }
         with open(os.path.join(folder, "model.safetensors.index.json"), "w") as handle:
             json.dump(index, handle, indent=2, sort_keys=True)
             handle.write("\n")
@@ -498,8 +540,9 @@ def _add_vision_tower(plan: Plan, vision_dir: str | None, config_vision: str | N
     if vision_dir is None and config_vision:
         vision_dir = resolve_path(config_vision, "vision")
     if vision_dir is None:
-        raise ConversionError("the checkpoint holds no vision tower weights: pass the CLIP checkpoint with "
-                              "--vision-tower DIR_OR_ID")
+        raise ConversionError(
+            "the checkpoint holds no vision tower weights: pass the CLIP checkpoint with --vision-tower DIR_OR_ID"
+        )
     for path in checkpoint_weight_files(vision_dir):
         plan.add_file(path, names=_vision_names)
 
@@ -520,8 +563,9 @@ def _add_mm_projector(plan: Plan, reference: str | None) -> None:
 
 
 def _has_non_lora(folder: str) -> bool:
-    return any(os.path.isfile(os.path.join(folder, f))
-               for f in ("non_lora_trainables.safetensors", "non_lora_trainables.bin"))
+    return any(
+        os.path.isfile(os.path.join(folder, f)) for f in ("non_lora_trainables.safetensors", "non_lora_trainables.bin")
+    )
 
 
 def _output_dtype(args: argparse.Namespace, config_dict: dict | None) -> torch.dtype:
@@ -543,8 +587,10 @@ def prepare(args: argparse.Namespace) -> Conversion:
             config = SliMEConfig.from_pretrained(input_dir)
         else:
             if args.base is None or vision_dir is None:
-                raise ConversionError("adapter files need the base language model (--base DIR_OR_ID) and the vision "
-                                      "tower (--vision-tower DIR_OR_ID) for the stage checkpoint's config")
+                raise ConversionError(
+                    "adapter files need the base language model (--base DIR_OR_ID) and the vision "
+                    "tower (--vision-tower DIR_OR_ID) for the stage checkpoint's config"
+                )
             config = adapters_config(input_dir, resolve_path(args.base, "base"), vision_dir)
         # Stage checkpoints keep the files' dtypes unless --dtype asks otherwise.
         plan = Plan(config, DTYPES[args.dtype] if args.dtype else None)
@@ -574,11 +620,13 @@ def prepare(args: argparse.Namespace) -> Conversion:
         try:
             base_dir = resolve_path(base_ref, "base")
         except Exception as error:  # noqa: BLE001 - a path of the authors' machine, no network, ...
-            raise ConversionError(f"cannot find the LoRA's base model {base_ref!r} ({error}); pass --base DIR_OR_ID") \
-                from error
+            raise ConversionError(
+                f"cannot find the LoRA's base model {base_ref!r} ({error}); pass --base DIR_OR_ID"
+            ) from error
         config_dict = _config_dict(input_dir) or _config_dict(base_dir)
-        if config_dict is None or not (is_original_layout(config_dict)
-                                       or config_dict.get("model_type") == SliMEConfig.model_type):
+        if config_dict is None or not (
+            is_original_layout(config_dict) or config_dict.get("model_type") == SliMEConfig.model_type
+        ):
             raise ConversionError(f"neither {input_dir} nor the base {base_dir} has a SliME config.json")
         config, config_vision_dir = _slime_config(config_dict, input_dir, vision_dir)
         plan = Plan(config, _output_dtype(args, config_dict), lora=lora)
@@ -594,9 +642,14 @@ def prepare(args: argparse.Namespace) -> Conversion:
         _add_vision_tower(plan, vision_dir or config_vision_dir, config_dict.get("mm_vision_tower"))
         _add_mm_projector(plan, args.mm_projector)
         has_tokenizer = any(os.path.isfile(os.path.join(input_dir, f)) for f in TOKENIZER_FILES)
-        conversion = Conversion(kind, input_dir, plan, tokenizer_dir=input_dir if has_tokenizer else base_dir,
-                                base_model=_hub_like(base_ref) or (release.base_model if release else None),
-                                release=release)
+        conversion = Conversion(
+            kind,
+            input_dir,
+            plan,
+            tokenizer_dir=input_dir if has_tokenizer else base_dir,
+            base_model=_hub_like(base_ref) or (release.base_model if release else None),
+            release=release,
+        )
         if os.path.isfile(os.path.join(base_dir, "generation_config.json")):
             conversion.generation_config = os.path.join(base_dir, "generation_config.json")
     plan.check()
@@ -648,8 +701,10 @@ def write_output(conversion: Conversion, folder: str, args: argparse.Namespace) 
         write_generation_config(conversion.generation_config, folder)
     processor = SliMEProcessor.from_pretrained(conversion.tokenizer_dir, chat_template_name=args.chat_template)
     if processor.image_token_id != conversion.config.image_token_id:
-        raise ConversionError(f"the tokenizer gives <image> the id {processor.image_token_id}, the config expects "
-                              f"{conversion.config.image_token_id} (the first id after the vocabulary)")
+        raise ConversionError(
+            f"the tokenizer gives <image> the id {processor.image_token_id}, the config expects "
+            f"{conversion.config.image_token_id} (the first id after the vocabulary)"
+        )
     processor.save_pretrained(folder)
     save_model_card(folder, chat_template=_template_name(processor), **card)
 
@@ -671,8 +726,10 @@ def write_generation_config(source: str, folder: str) -> dict:
         values = json.load(handle)
     dropped = values.pop("max_length", None)
     if dropped is not None:
-        logger.info(f"generation_config.json: the release's max_length={dropped} (its language model's context) is "
-                    "left out, so that generate(max_new_tokens=...) does not warn on every call")
+        logger.info(
+            f"generation_config.json: the release's max_length={dropped} (its language model's context) is "
+            "left out, so that generate(max_new_tokens=...) does not warn on every call"
+        )
     with open(os.path.join(folder, "generation_config.json"), "w", encoding="utf-8") as handle:
         handle.write(json.dumps(values, indent=2, sort_keys=True) + "\n")
     return values
@@ -682,8 +739,9 @@ def _template_name(processor: SliMEProcessor) -> str | None:
     templates = processor.chat_template
     if not isinstance(templates, dict):
         return None
-    return next((name for name, text in templates.items() if name != "default" and text == templates.get("default")),
-                None)
+    return next(
+        (name for name, text in templates.items() if name != "default" and text == templates.get("default")), None
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -716,7 +774,10 @@ def verification_outputs(model, processor, image_path, prompt, new_tokens, devic
             "new_ids": generated[:, inputs["input_ids"].shape[1]:].cpu()}
 """
 
-VERIFY_SCRIPT = HIDE_PACKAGE + CHECK_CODE + """
+VERIFY_SCRIPT = (
+    HIDE_PACKAGE
+    + CHECK_CODE
+    + """
 import sys
 from transformers import AutoModel, AutoProcessor
 
@@ -730,6 +791,7 @@ processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
 model = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype="auto").to(device).eval()
 torch.save(verification_outputs(model, processor, image_path, prompt, int(new_tokens), device), out_path)
 """
+)
 
 
 def _check_namespace() -> dict:
@@ -774,8 +836,9 @@ def reference_model(conversion: Conversion, device: str) -> SliMEForConditionalG
         for name, planned in plan.tensors.items():
             state_dict[name] = planned.load_unmerged() if hooked and planned.load_unmerged else planned.load()
         plan.files.close()
-        model = SliMEForConditionalGeneration.from_pretrained(None, config=conversion.config, state_dict=state_dict,
-                                                              dtype=plan.dtype)
+        model = SliMEForConditionalGeneration.from_pretrained(
+            None, config=conversion.config, state_dict=state_dict, dtype=plan.dtype
+        )
         del state_dict
         if hooked:
             _lora_hooks(model, lora)
@@ -783,7 +846,8 @@ def reference_model(conversion: Conversion, device: str) -> SliMEForConditionalG
             from transformers import GenerationConfig
 
             model.generation_config = GenerationConfig.from_pretrained(
-                os.path.dirname(conversion.generation_config), "generation_config.json")
+                os.path.dirname(conversion.generation_config), "generation_config.json"
+            )
     return model.to(device).eval()
 
 
@@ -803,7 +867,8 @@ def verify(conversion: Conversion, folder: str, args: argparse.Namespace) -> dic
     processor = SliMEProcessor.from_pretrained(conversion.tokenizer_dir, chat_template_name=args.chat_template)
     model = reference_model(conversion, args.verify_device)
     reference = _check_namespace()["verification_outputs"](
-        model, processor, str(VERIFY_IMAGE), VERIFY_PROMPT, VERIFY_NEW_TOKENS, args.verify_device)
+        model, processor, str(VERIFY_IMAGE), VERIFY_PROMPT, VERIFY_NEW_TOKENS, args.verify_device
+    )
     del model
     with tempfile.TemporaryDirectory(prefix="slime-verify-") as workdir:
         out_path = os.path.join(workdir, "converted.pt")
@@ -813,8 +878,10 @@ def verify(conversion: Conversion, folder: str, args: argparse.Namespace) -> dic
             workdir,
         )
         if result.returncode != 0:
-            raise VerificationError("the converted repo does not load or run through the Auto classes without "
-                                    f"slime_hf:\n{result.stderr[-3000:]}")
+            raise VerificationError(
+                "the converted repo does not load or run through the Auto classes without "
+                f"slime_hf:\n{result.stderr[-3000:]}"
+            )
         converted = torch.load(out_path, weights_only=True)
     problems = []
     if not torch.equal(converted["input_ids"], reference["input_ids"]):
@@ -827,12 +894,18 @@ def verify(conversion: Conversion, folder: str, args: argparse.Namespace) -> dic
         problems.append(f"last-position logits differ by {diff:.3g} (bound {bound:.3g} for {_dtype_name(dtype)})")
     if not torch.equal(converted["new_ids"], reference["new_ids"]):
         problems.append(f"greedy ids differ: {converted['new_ids'].tolist()} vs {reference['new_ids'].tolist()}")
-    report = {"input_ids": reference["input_ids"].shape[1], "logits_max_abs_diff": diff, "logits_bound": bound,
-              "greedy_ids": reference["new_ids"][0].tolist()}
-    logger.info(f"verification: {report['input_ids']} prompt ids, pixel values "
-                f"{tuple(reference['pixel_values'].shape)}, "
-                f"last-position logits max |diff| = {diff:.3g} (bound {bound:.3g}, {_dtype_name(dtype)}), "
-                f"{VERIFY_NEW_TOKENS} greedy ids {'equal' if not problems else 'checked'}")
+    report = {
+        "input_ids": reference["input_ids"].shape[1],
+        "logits_max_abs_diff": diff,
+        "logits_bound": bound,
+        "greedy_ids": reference["new_ids"][0].tolist(),
+    }
+    logger.info(
+        f"verification: {report['input_ids']} prompt ids, pixel values "
+        f"{tuple(reference['pixel_values'].shape)}, "
+        f"last-position logits max |diff| = {diff:.3g} (bound {bound:.3g}, {_dtype_name(dtype)}), "
+        f"{VERIFY_NEW_TOKENS} greedy ids {'equal' if not problems else 'checked'}"
+    )
     if problems:
         raise VerificationError("the converted repo does not reproduce the input:\n  " + "\n  ".join(problems))
     return report
@@ -860,25 +933,34 @@ def push_to_hub(folder: str, repo_id: str, private: bool) -> None:
 
     api = huggingface_hub.HfApi()
     api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=folder,
-                      commit_message="Upload SliME converted with slime-hf")
+    api.upload_folder(
+        repo_id=repo_id, repo_type="model", folder_path=folder, commit_message="Upload SliME converted with slime-hf"
+    )
     logger.info(f"uploaded {folder} to https://huggingface.co/{repo_id}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--input", required=True, help="local folder (or adapter file) or Hub repo id of the release")
     parser.add_argument("--output", required=True, help="output folder (must not exist)")
     parser.add_argument("--base", help="base language model of a LoRA release or of adapter files (folder or id)")
     parser.add_argument("--vision-tower", help="CLIP checkpoint (folder or id) when the input does not hold it")
-    parser.add_argument("--mm-projector", help="an mm_projector.bin (or its folder) for inputs without the global "
-                                               "adapter, e.g. an original trainer's checkpoint-N/")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: the checkpoint's "
-                                                                "torch_dtype); position tables stay float16")
+    parser.add_argument(
+        "--mm-projector",
+        help="an mm_projector.bin (or its folder) for inputs without the global "
+        "adapter, e.g. an original trainer's checkpoint-N/",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        help="weight dtype (default: the checkpoint's torch_dtype); position tables stay float16",
+    )
     parser.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
-    parser.add_argument("--chat-template", help="default chat template (vicuna_v1, llama3, ...; default: from the "
-                                                "tokenizer)")
+    parser.add_argument(
+        "--chat-template", help="default chat template (vicuna_v1, llama3, ...; default: from the tokenizer)"
+    )
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the verified output to this Hub repo")
     parser.add_argument("--private", action="store_true", help="create the Hub repo private")
     parser.add_argument("--no-verify", action="store_true", help="skip the verification")
@@ -930,18 +1012,24 @@ def remove_stale_staging(output: str) -> None:
             os.rmdir(folder)
             logger.warning(f"removed {folder}, an empty staging folder left by an interrupted conversion")
         elif not isinstance(owner, dict) or owner.get("output") != output:
-            logger.warning(f"{folder} looks like a conversion's staging folder but carries no marker of this "
-                           "converter for this output: left in place (remove it yourself if it is a leftover)")
+            logger.warning(
+                f"{folder} looks like a conversion's staging folder but carries no marker of this "
+                "converter for this output: left in place (remove it yourself if it is a leftover)"
+            )
         elif owner.get("host") != host:
-            logger.warning(f"{folder} is the staging folder of a conversion on host {owner.get('host')!r} "
-                           f"(pid {owner.get('pid')}): left in place")
+            logger.warning(
+                f"{folder} is the staging folder of a conversion on host {owner.get('host')!r} "
+                f"(pid {owner.get('pid')}): left in place"
+            )
         elif _process_alive(int(owner.get("pid", -1))):
             logger.warning(f"{folder} is being written by a running conversion (pid {owner['pid']}): left in place")
         else:
             size = _folder_size(folder)
             shutil.rmtree(folder)
-            logger.warning(f"removed {folder} ({size / 2**20:.1f} MB), the staging folder left by an interrupted "
-                           f"conversion (pid {owner['pid']})")
+            logger.warning(
+                f"removed {folder} ({size / 2**20:.1f} MB), the staging folder left by an interrupted "
+                f"conversion (pid {owner['pid']})"
+            )
 
 
 def convert(args: argparse.Namespace) -> dict:

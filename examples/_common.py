@@ -33,13 +33,20 @@ def demo_image() -> Path:
 
 def add_model_arguments(parser: argparse.ArgumentParser, max_new_tokens: int = 32) -> None:
     """The options every example shares: which model, where and in which dtype it runs, and how it generates."""
-    parser.add_argument("--model", default=None,
-                        help="Hub id or local folder, converted or in the authors' layout (default: the untrained "
-                             "demonstration model, generated on first use)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="Hub id or local folder, converted or in the authors' layout (default: the untrained "
+        "demonstration model, generated on first use)",
+    )
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
-    parser.add_argument("--router-top-p", type=float, default=None,
-                        help="router top-p in (0, 1] for the local tokens (default: the model config's)")
+    parser.add_argument(
+        "--router-top-p",
+        type=float,
+        default=None,
+        help="router top-p in (0, 1] for the local tokens (default: the model config's)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
 
 
@@ -144,8 +151,12 @@ def stream_generate(model, tokenizer, inputs: dict, out: TextIO = sys.stdout, **
     return "".join(pieces)
 
 
-def run_cli(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser,
-            argv: Sequence[str] | None = None, check: Callable[[argparse.Namespace], None] | None = None) -> int:
+def run_cli(
+    main: Callable[[argparse.Namespace], None],
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None = None,
+    check: Callable[[argparse.Namespace], None] | None = None,
+) -> int:
     """Parses the arguments, checks them (cheaply, before heavy imports), runs `main`; bad input ends with a
     one-line `error: ...` on stderr and exit status 2, without a traceback."""
     args = parser.parse_args(argv)

@@ -54,8 +54,11 @@ def chat(args: argparse.Namespace) -> None:
     image = Image.open(image_path)
     image.load()
     rows, cols = get_slice_grid((image.height, image.width))
-    print(f"image: {image_path} ({image.width}x{image.height}, {rows} x {cols} local crops); "
-          "/reset starts over, /quit stops", file=sys.stderr)
+    print(
+        f"image: {image_path} ({image.width}x{image.height}, {rows} x {cols} local crops); "
+        "/reset starts over, /quit stops",
+        file=sys.stderr,
+    )
 
     messages: list[dict] = []
     for line in read_turns():

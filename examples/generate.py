@@ -17,8 +17,17 @@ import os
 import sys
 from pathlib import Path
 
-from _common import IMAGE_SUFFIXES, add_model_arguments, check_image_files, check_placeholders, demo_image
-from _common import generation_kwargs, load_model, run_cli, user_content
+from _common import (
+    IMAGE_SUFFIXES,
+    add_model_arguments,
+    check_image_files,
+    check_placeholders,
+    demo_image,
+    generation_kwargs,
+    load_model,
+    run_cli,
+    user_content,
+)
 
 
 def list_images(sources: list[str]) -> list[Path]:
@@ -64,14 +73,19 @@ def answered_images(output: Path, prompt: str) -> tuple[set[str], int]:
         try:
             record = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"--resume: line {number} of {output} is not JSON ({error}); the file is left as it "
-                             "is") from None
+            raise ValueError(
+                f"--resume: line {number} of {output} is not JSON ({error}); the file is left as it is"
+            ) from None
         if not isinstance(record, dict) or not isinstance(record.get("image"), str):
-            raise ValueError(f"--resume: line {number} of {output} is not an answer record of this script (no "
-                             "'image'); the file is left as it is")
+            raise ValueError(
+                f"--resume: line {number} of {output} is not an answer record of this script (no "
+                "'image'); the file is left as it is"
+            )
         if record.get("prompt") != prompt:
-            raise ValueError(f"--resume: {output} was written with another prompt ({record.get('prompt')!r} on line "
-                             f"{number}); pass that --prompt, or another --output")
+            raise ValueError(
+                f"--resume: {output} was written with another prompt ({record.get('prompt')!r} on line "
+                f"{number}); pass that --prompt, or another --output"
+            )
         keys.add(_image_key(record["image"]))
 
     for number, line in enumerate(lines, start=1):
@@ -145,23 +159,28 @@ def generate(args: argparse.Namespace) -> None:
                 # One prompt per image; the processor pads them on the left, as generation needs.
                 inputs = processor(images=[str(path) for path in batch], text=[prompt] * len(batch)).to(args.device)
                 out = model.generate(**inputs, **generation_kwargs(args), return_dict_in_generate=True)
-                answers = processor.batch_decode(out.sequences[:, inputs["input_ids"].shape[1] :],
-                                                 skip_special_tokens=True)
+                answers = processor.batch_decode(
+                    out.sequences[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+                )
                 for path, size, answer, budget in zip(
                     batch, inputs["image_sizes"].tolist(), answers, out.image_token_budget
                 ):
-                    sink.write({
-                        "image": str(path),
-                        "prompt": args.prompt,
-                        "answer": answer.strip(),
-                        "grid": list(get_slice_grid(tuple(size))),
-                        "image_tokens": budget,
-                    })
+                    sink.write(
+                        {
+                            "image": str(path),
+                            "prompt": args.prompt,
+                            "answer": answer.strip(),
+                            "grid": list(get_slice_grid(tuple(size))),
+                            "image_tokens": budget,
+                        }
+                    )
                 bar.update(len(batch))
     finally:
         sink.close()
-    print(f"wrote {len(images)} answer(s) to {output}" + (f" ({skipped} kept from before)" if skipped else ""),
-          file=sys.stderr)
+    print(
+        f"wrote {len(images)} answer(s) to {output}" + (f" ({skipped} kept from before)" if skipped else ""),
+        file=sys.stderr,
+    )
 
 
 def check_output(args: argparse.Namespace) -> None:
@@ -169,8 +188,10 @@ def check_output(args: argparse.Namespace) -> None:
     if output.is_dir():
         raise ValueError(f"--output is a folder: {output}")
     if output.exists() and not (args.overwrite or args.resume):
-        raise ValueError(f"output file already exists: {output} (pass --resume to skip the images it already "
-                         "answers and append, or --overwrite to replace it)")
+        raise ValueError(
+            f"output file already exists: {output} (pass --resume to skip the images it already "
+            "answers and append, or --overwrite to replace it)"
+        )
 
 
 def plan_images(args: argparse.Namespace) -> tuple[list[Path], int, int]:
@@ -195,21 +216,37 @@ def check(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", nargs="+", default=[str(demo_image())], metavar="DIR_OR_FILE",
-                        help="image files and/or folders of images (default: the shipped demo image)")
-    parser.add_argument("--prompt", default="Describe the image.",
-                        help="the question asked about each image; the image goes before it unless the prompt "
-                             "places it with one <image>")
+    parser.add_argument(
+        "--images",
+        nargs="+",
+        default=[str(demo_image())],
+        metavar="DIR_OR_FILE",
+        help="image files and/or folders of images (default: the shipped demo image)",
+    )
+    parser.add_argument(
+        "--prompt",
+        default="Describe the image.",
+        help="the question asked about each image; the image goes before it unless the prompt "
+        "places it with one <image>",
+    )
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--output", default="answers.jsonl",
-                        help="JSONL file, one line per image, written and flushed line by line; an existing file is "
-                             "refused unless --resume or --overwrite is given")
+    parser.add_argument(
+        "--output",
+        default="answers.jsonl",
+        help="JSONL file, one line per image, written and flushed line by line; an existing file is "
+        "refused unless --resume or --overwrite is given",
+    )
     existing = parser.add_mutually_exclusive_group()
-    existing.add_argument("--resume", action="store_true",
-                          help="keep the existing --output, skip the images it already answers (same prompt) and "
-                               "append the others")
-    existing.add_argument("--overwrite", action="store_true",
-                          help="replace an existing --output (it is kept until the first new answer is ready)")
+    existing.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the existing --output, skip the images it already answers (same prompt) and append the others",
+    )
+    existing.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --output (it is kept until the first new answer is ready)",
+    )
     add_model_arguments(parser, max_new_tokens=64)
     return parser
 

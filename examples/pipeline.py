@@ -37,8 +37,13 @@ def answer(args: argparse.Namespace) -> None:
 
     (image,) = check_image_files([args.image])
     check_device(args.device)
-    pipe = pipeline("image-text-to-text", model=model_folder(args.model), trust_remote_code=args.trust_remote_code,
-                    dtype=getattr(torch, args.dtype), device=args.device)
+    pipe = pipeline(
+        "image-text-to-text",
+        model=model_folder(args.model),
+        trust_remote_code=args.trust_remote_code,
+        dtype=getattr(torch, args.dtype),
+        device=args.device,
+    )
     label = getattr(pipe.model.config, "demo_model_label", None)
     if label:
         print(f"*** {label} ***", file=sys.stderr)
@@ -48,8 +53,13 @@ def answer(args: argparse.Namespace) -> None:
         # A prompt that places the image itself: render it with the chat template, give the image beside it.
         messages = [{"role": "user", "content": user_content(args.prompt)}]
         text = pipe.processor.apply_chat_template(messages, add_generation_prompt=True)
-        outputs = pipe(images=[str(image)], text=text, max_new_tokens=max_new_tokens, generate_kwargs=kwargs,
-                       return_full_text=False)
+        outputs = pipe(
+            images=[str(image)],
+            text=text,
+            max_new_tokens=max_new_tokens,
+            generate_kwargs=kwargs,
+            return_full_text=False,
+        )
         print(outputs[0]["generated_text"])
         return
     messages = [{"role": "user", "content": user_content(args.prompt, images=[str(image)])}]
@@ -67,8 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image", default=str(demo_image()), help="the image (default: the shipped demo image)")
     parser.add_argument("--prompt", default="What is shown in this image?", help="the question")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="load the model folder's own code instead of the installed slime_hf")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="load the model folder's own code instead of the installed slime_hf",
+    )
     add_model_arguments(parser, max_new_tokens=32)
     return parser
 

@@ -84,8 +84,9 @@ def _to_uint8(views, mean, std) -> np.ndarray:
     return pixels.permute(0, 2, 3, 1).numpy()
 
 
-def walk(model, processor, image_path: str, prompt: str, router_top_p: float | None = None,
-         max_new_tokens: int = 0) -> Walkthrough:
+def walk(
+    model, processor, image_path: str, prompt: str, router_top_p: float | None = None, max_new_tokens: int = 0
+) -> Walkthrough:
     """Runs one image through each SliME stage and records what comes out."""
     import torch
     from PIL import Image
@@ -95,8 +96,9 @@ def walk(model, processor, image_path: str, prompt: str, router_top_p: float | N
     image = Image.open(image_path)
     geometry = get_slice_geometry((image.height, image.width))
     rows, cols = geometry.grid
-    text = processor.apply_chat_template([{"role": "user", "content": user_content(prompt)}],
-                                         add_generation_prompt=True)
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": user_content(prompt)}], add_generation_prompt=True
+    )
     inputs = processor(images=[image], text=text).to(model.device)
     pixel_values = inputs["pixel_values"]
     num_crops = rows * cols
@@ -171,7 +173,7 @@ def describe(report: Walkthrough) -> list[str]:
         f"3. global adapter: {report.global_shape[0]} tokens of width {report.global_shape[1]}; gate per token "
         f"(mean): MLP expert {gate_mlp:.3f}, attention expert {gate_attention:.3f} "
         f"(attention share {report.gates[:, 1].min():.3f} .. {report.gates[:, 1].max():.3f})",
-        f"4. local compressor: {rows * cols} crops x {report.local_side ** 2} tokens = {report.local_shape[0]} tokens "
+        f"4. local compressor: {rows * cols} crops x {report.local_side**2} tokens = {report.local_shape[0]} tokens "
         f"of width {report.local_shape[1]}, merged into a {raster_rows} x {raster_cols} raster",
         f"5. router (top-p {report.top_p:g}): scores {report.scores.min():.3f} .. {report.scores.max():.3f}; keeps "
         f"{kept} of {total} local tokens ({100 * kept / total:.1f}%); per crop: "
@@ -204,44 +206,78 @@ def build_figure(report: Walkthrough):
     ax.imshow(report.canvas, extent=(0, canvas_w, canvas_h, 0), interpolation="nearest")
     all_tokens = np.arange(report.scores.size)
     dropped = np.setdiff1d(all_tokens, report.kept)
-    ax.add_collection(PatchCollection(
-        [Rectangle(tuple(xy), cell, cell) for xy in report.token_cells(dropped)],
-        facecolor="black", edgecolor="none", alpha=0.6, gid="dropped-tokens"))
-    ax.add_collection(PatchCollection(
-        [Rectangle(tuple(xy), cell, cell) for xy in report.token_cells(report.kept)],
-        facecolor="none", edgecolor="#ffd400", linewidth=0.5, gid="kept-tokens"))
+    ax.add_collection(
+        PatchCollection(
+            [Rectangle(tuple(xy), cell, cell) for xy in report.token_cells(dropped)],
+            facecolor="black",
+            edgecolor="none",
+            alpha=0.6,
+            gid="dropped-tokens",
+        )
+    )
+    ax.add_collection(
+        PatchCollection(
+            [Rectangle(tuple(xy), cell, cell) for xy in report.token_cells(report.kept)],
+            facecolor="none",
+            edgecolor="#ffd400",
+            linewidth=0.5,
+            gid="kept-tokens",
+        )
+    )
     for x in range(0, canvas_w + 1, tile):
         ax.plot([x, x], [0, canvas_h], color="white", linewidth=2.5, gid="crop-grid")
     for y in range(0, canvas_h + 1, tile):
         ax.plot([0, canvas_w], [y, y], color="white", linewidth=2.5, gid="crop-grid")
     for k in range(rows * cols):
         r, c = divmod(k, cols)
-        ax.text(c * tile + 8, r * tile + 8, f"crop {k}", color="white", fontsize=9, va="top",
-                bbox={"facecolor": "black", "alpha": 0.6, "edgecolor": "none", "pad": 1.5})
+        ax.text(
+            c * tile + 8,
+            r * tile + 8,
+            f"crop {k}",
+            color="white",
+            fontsize=9,
+            va="top",
+            bbox={"facecolor": "black", "alpha": 0.6, "edgecolor": "none", "pad": 1.5},
+        )
     ax.set_xlim(0, canvas_w)
     ax.set_ylim(canvas_h, 0)
     ax.set_xticks(range(0, canvas_w + 1, tile))
     ax.set_yticks(range(0, canvas_h + 1, tile))
     budget = report.budget
-    ax.set_title(f"{rows} x {cols} crops of {tile} px on the padded {canvas_w}x{canvas_h} canvas\nlocal tokens "
-                 f"({cell} px cells): {budget['local_kept']} of {report.scores.size} kept (outlined, router top-p "
-                 f"{report.top_p:g}), the others dropped (dark)", fontsize=9)
+    ax.set_title(
+        f"{rows} x {cols} crops of {tile} px on the padded {canvas_w}x{canvas_h} canvas\nlocal tokens "
+        f"({cell} px cells): {budget['local_kept']} of {report.scores.size} kept (outlined, router top-p "
+        f"{report.top_p:g}), the others dropped (dark)",
+        fontsize=9,
+    )
 
     ax = figure.add_subplot(grid[0, 1])
     ax.imshow(report.global_view, extent=(0, tile, tile, 0))
     side = int(round(report.gates.shape[0] ** 0.5))
-    shown = ax.imshow(report.gates[:, 1].reshape(side, side), extent=(0, tile, tile, 0), cmap="magma", alpha=0.55,
-                      interpolation="nearest")
+    shown = ax.imshow(
+        report.gates[:, 1].reshape(side, side),
+        extent=(0, tile, tile, 0),
+        cmap="magma",
+        alpha=0.55,
+        interpolation="nearest",
+    )
     figure.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
     ax.set_axis_off()
-    ax.set_title(f"global view: {budget['global']} adapter tokens;\nattention-expert gate per token "
-                 f"(mean {report.gates[:, 1].mean():.2f})", fontsize=9)
+    ax.set_title(
+        f"global view: {budget['global']} adapter tokens;\nattention-expert gate per token "
+        f"(mean {report.gates[:, 1].mean():.2f})",
+        fontsize=9,
+    )
 
     ax = figure.add_subplot(grid[1, 1])
     raster_rows, raster_cols = report.raster
     scores = np.ma.masked_array(report.scores, mask=np.isin(all_tokens, report.kept, invert=True))
-    shown = ax.imshow(scores.reshape(raster_rows, raster_cols), cmap="viridis", interpolation="nearest",
-                      extent=(0, raster_cols, raster_rows, 0))
+    shown = ax.imshow(
+        scores.reshape(raster_rows, raster_cols),
+        cmap="viridis",
+        interpolation="nearest",
+        extent=(0, raster_cols, raster_rows, 0),
+    )
     ax.set_facecolor("#404040")
     figure.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
     for x in range(report.local_side, raster_cols, report.local_side):
@@ -252,8 +288,10 @@ def build_figure(report: Walkthrough):
     ax.set_yticks([])
     ax.set_title(f"router scores of the {raster_rows} x {raster_cols} local tokens (dropped: gray)", fontsize=9)
 
-    title = (f"SliME on {Path(report.image_path).name}: global {budget['global']} + separator {budget['separator']}"
-             f" + local {budget['local_kept']} = {budget['total']} image tokens")
+    title = (
+        f"SliME on {Path(report.image_path).name}: global {budget['global']} + separator {budget['separator']}"
+        f" + local {budget['local_kept']} = {budget['total']} image tokens"
+    )
     if report.label:
         title += "\nuntrained demonstration model: slicing is real, gate and router choices come from random weights"
     figure.suptitle(title, fontsize=11)
@@ -281,8 +319,11 @@ def check(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image", default=str(demo_image()), help="the image (default: the shipped demo image)")
-    parser.add_argument("--prompt", default="What is shown in this image?",
-                        help="the question the router compares the local tokens with")
+    parser.add_argument(
+        "--prompt",
+        default="What is shown in this image?",
+        help="the question the router compares the local tokens with",
+    )
     parser.add_argument("--output", default="walkthrough.png", help="where the PNG figure goes")
     parser.add_argument("--dpi", type=int, default=100)
     add_model_arguments(parser, max_new_tokens=12)

@@ -49,8 +49,15 @@ ADAPTER_PARTS = {
 
 # safetensors' dtype codes.
 SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 
@@ -87,7 +94,7 @@ def to_package_name(key: str) -> str | None:
 
 def strip_peft_prefix(key: str) -> str:
     """Drops peft's `base_model.model.` in front of a wrapped model's weight name."""
-    return key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+    return key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
 
 
 def adapter_parts(state_dict: dict[str, torch.Tensor]) -> list[str]:
@@ -340,8 +347,9 @@ def detect_checkpoint_kind(path: str | os.PathLike) -> str:
     files = set(os.listdir(path))
     if LORA_CONFIG_NAME in files:
         if not files.intersection(LORA_WEIGHTS_NAMES):
-            raise ValueError(f"{path} has {LORA_CONFIG_NAME} but no adapter weights "
-                             f"({' or '.join(LORA_WEIGHTS_NAMES)})")
+            raise ValueError(
+                f"{path} has {LORA_CONFIG_NAME} but no adapter weights ({' or '.join(LORA_WEIGHTS_NAMES)})"
+            )
         if "config.json" in files:
             _check_slime_config(path)
         return "lora"
@@ -433,8 +441,10 @@ def _read_original_adapter_file(path: str) -> dict[str, torch.Tensor]:
     parts = adapter_parts(renamed)
     if os.path.basename(path) == "mm_projector.bin" and parts == ["model.local_compressor."]:
         # The original trainer's intermediate checkpoint-N/ writes the sampler dict under this name.
-        logger.info(f"{path} holds the local compressor (sampler) weights only, as the original trainer's "
-                    "checkpoint-N/ folders do; reading them as such")
+        logger.info(
+            f"{path} holds the local compressor (sampler) weights only, as the original trainer's "
+            "checkpoint-N/ folders do; reading them as such"
+        )
     return renamed
 
 
@@ -463,8 +473,9 @@ def load_adapter_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             return load_adapter_weights(stage_file)
         files = [os.path.join(path, n) for n in ORIGINAL_ADAPTER_FILES if os.path.isfile(os.path.join(path, n))]
         if not files:
-            raise ValueError(f"{path} holds no adapter weights ({ADAPTER_WEIGHTS_NAME} or "
-                             f"{' / '.join(ORIGINAL_ADAPTER_FILES)})")
+            raise ValueError(
+                f"{path} holds no adapter weights ({ADAPTER_WEIGHTS_NAME} or {' / '.join(ORIGINAL_ADAPTER_FILES)})"
+            )
     elif os.path.isfile(path):
         files = [path]
     else:
@@ -559,8 +570,10 @@ class LoraAdapter:
             raise ValueError(f"{self.folder}: DoRA adapters are not supported")
         if self.config.get("bias", "none") != "none" or self.config.get("lora_bias"):
             raise ValueError(f"{self.folder}: LoRA with trained biases (bias={self.config['bias']!r}) is not supported")
-        weights_path = next((os.path.join(self.folder, n) for n in LORA_WEIGHTS_NAMES
-                             if os.path.isfile(os.path.join(self.folder, n))), None)
+        weights_path = next(
+            (os.path.join(self.folder, n) for n in LORA_WEIGHTS_NAMES if os.path.isfile(os.path.join(self.folder, n))),
+            None,
+        )
         if weights_path is None:
             raise ValueError(f"{self.folder} has no {' or '.join(LORA_WEIGHTS_NAMES)}")
         self.weights = WeightFile(weights_path)
@@ -576,8 +589,10 @@ class LoraAdapter:
         unknown = []
         # peft names: `<module>.lora_A.weight` (Linear) or `<module>.lora_embedding_A` (Embedding), optionally with
         # the adapter name before the parameter name.
-        pattern = re.compile(r"^(?P<module>.+)\.(?:(?P<linear>lora_[AB])(?:\.[^.]+)?\.weight|"
-                             r"(?P<embedding>lora_embedding_[AB])(?:\.[^.]+)?)$")
+        pattern = re.compile(
+            r"^(?P<module>.+)\.(?:(?P<linear>lora_[AB])(?:\.[^.]+)?\.weight|"
+            r"(?P<embedding>lora_embedding_[AB])(?:\.[^.]+)?)$"
+        )
         for key in self.weights.keys():
             match = pattern.match(strip_peft_prefix(key))
             if match is None:
@@ -587,8 +602,10 @@ class LoraAdapter:
             pairs.setdefault(match["module"], {})[kind] = key
             pairs[match["module"]]["embedding"] = match["embedding"] is not None
         if unknown:
-            raise ValueError(f"{self.weights.path} holds weights that are not LoRA pairs (modules_to_save and trained "
-                             f"biases are not supported): {sorted(unknown)[:12]}")
+            raise ValueError(
+                f"{self.weights.path} holds weights that are not LoRA pairs (modules_to_save and trained "
+                f"biases are not supported): {sorted(unknown)[:12]}"
+            )
         r, alpha = self.config.get("r", 8), self.config.get("lora_alpha", 8)
         targets = {}
         for module, pair in pairs.items():

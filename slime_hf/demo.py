@@ -53,14 +53,27 @@ def build_demo_model(output_dir: str | os.PathLike | None = None, force: bool = 
     processor = SliMEProcessor(image_processor=SliMEImageProcessorPil(), tokenizer=tokenizer)
     config = SliMEConfig(
         text_config={
-            "model_type": "llama", "vocab_size": vocab_size, "hidden_size": 64, "intermediate_size": 128,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
-            "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+            "model_type": "llama",
+            "vocab_size": vocab_size,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "max_position_embeddings": 4096,
+            "rms_norm_eps": 1e-5,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
         },
         vision_config={
-            "model_type": "clip_vision_model", "hidden_size": 128, "intermediate_size": 256,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 336, "patch_size": 14,
+            "model_type": "clip_vision_model",
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 336,
+            "patch_size": 14,
             "hidden_act": "quick_gelu",
         },
         image_token_id=processor.image_token_id,
@@ -179,8 +192,14 @@ def run(args: argparse.Namespace, out=sys.stdout) -> str:
 
     timer = StageTimer(model)
     streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    generate_kwargs = dict(**inputs, streamer=streamer, max_new_tokens=args.max_new_tokens, do_sample=False,
-                           router_top_p=args.router_top_p, return_dict_in_generate=True)
+    generate_kwargs = dict(
+        **inputs,
+        streamer=streamer,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=False,
+        router_top_p=args.router_top_p,
+        return_dict_in_generate=True,
+    )
     errors, results = [], []
 
     def target():
@@ -214,7 +233,7 @@ def run(args: argparse.Namespace, out=sys.stdout) -> str:
         f"(router_top_p={args.router_top_p if args.router_top_p is not None else model.config.router_top_p})",
         file=out,
     )
-    new_tokens = len(processor.tokenizer(''.join(pieces), add_special_tokens=False).input_ids)
+    new_tokens = len(processor.tokenizer("".join(pieces), add_special_tokens=False).input_ids)
     decode_time = end - first_token_at
     print("time per stage:", file=out)
     print(f"  processor          {processor_time * 1000:8.1f} ms", file=out)

@@ -100,9 +100,7 @@ def _as_size(image_size: Any) -> tuple[int, int]:
         height, width = image_size
         height, width = operator.index(height), operator.index(width)
     except (TypeError, ValueError):
-        raise ValueError(
-            f"image_size must be two integers (height, width), got {image_size!r}."
-        ) from None
+        raise ValueError(f"image_size must be two integers (height, width), got {image_size!r}.") from None
     if height <= 0 or width <= 0:
         raise ValueError(
             f"image_size must be positive, got (height, width) = ({height}, {width}): an image needs at least one "
@@ -787,23 +785,23 @@ _SHARED_ARGS_DOC = """        image_mean (`float` or `list[float]`, *optional*, 
 
 class SliMEImageProcessorPil(_SliMEImageProcessorMixin, PilBackend):
     r"""
-    SliME image processor, Pillow backend (the default): bit-exact with the original implementation.
+        SliME image processor, Pillow backend (the default): bit-exact with the original implementation.
 
-    Each image is converted to RGB ([`convert_to_rgb`]), then
-    1. the global view is `image.resize((336, 336))` (Pillow bicubic; the aspect ratio is not kept);
-    2. the image is resized with its aspect ratio kept ([`get_slice_geometry`]) and pasted on a black canvas of
-       `rows x cols` tiles, which is cut into 336x336 crops row-major;
-    3. all views are rescaled by `1/255` and normalised with the CLIP mean and std in one vectorised pass.
+        Each image is converted to RGB ([`convert_to_rgb`]), then
+        1. the global view is `image.resize((336, 336))` (Pillow bicubic; the aspect ratio is not kept);
+        2. the image is resized with its aspect ratio kept ([`get_slice_geometry`]) and pasted on a black canvas of
+           `rows x cols` tiles, which is cut into 336x336 crops row-major;
+        3. all views are rescaled by `1/255` and normalised with the CLIP mean and std in one vectorised pass.
 
-    The global-view resize and the crop-canvas resize of an image are independent: with `num_threads` > 1 (2 by
-    default on multi-core machines) they run on two threads (Pillow releases the GIL). The output does not depend
-    on the thread count.
+        The global-view resize and the crop-canvas resize of an image are independent: with `num_threads` > 1 (2 by
+        default on multi-core machines) they run on two threads (Pillow releases the GIL). The output does not depend
+        on the thread count.
 
-    Args:
-{shared_args}        resample (`PILImageResampling`, *optional*, defaults to `BICUBIC`):
-            Pillow filter of both resizes (bicubic in the original).
-        num_threads (`int`, *optional*):
-            Threads for the resizes; `None` picks 2 on multi-core machines, `1` disables threading.
+        Args:
+    {shared_args}        resample (`PILImageResampling`, *optional*, defaults to `BICUBIC`):
+                Pillow filter of both resizes (bicubic in the original).
+            num_threads (`int`, *optional*):
+                Threads for the resizes; `None` picks 2 on multi-core machines, `1` disables threading.
     """
 
     def __init__(self, **kwargs: Unpack[SliMEImageProcessorKwargs]) -> None:
@@ -842,10 +840,18 @@ class SliMEImageProcessorPil(_SliMEImageProcessorMixin, PilBackend):
         tasks: list[tuple[int, Callable[[], None]]] = []
         for index, (image, geometry) in enumerate(zip(images, geometries)):
             hw = (image.height, image.width)
-            tasks.append((_resize_cost(hw, (tile, tile)), functools.partial(
-                self._global_view, image, out[index, 0], tile, resample, normalize)))
-            tasks.append((_resize_cost(hw, geometry.resized_size) + geometry.num_local_crops * tile * tile,
-                          functools.partial(self._local_crops, image, geometry, out[index], resample, normalize)))
+            tasks.append(
+                (
+                    _resize_cost(hw, (tile, tile)),
+                    functools.partial(self._global_view, image, out[index, 0], tile, resample, normalize),
+                )
+            )
+            tasks.append(
+                (
+                    _resize_cost(hw, geometry.resized_size) + geometry.num_local_crops * tile * tile,
+                    functools.partial(self._local_crops, image, geometry, out[index], resample, normalize),
+                )
+            )
         tasks.sort(key=lambda task: -task[0])
         _run_tasks([task for _, task in tasks], options["num_threads"])
         return out
@@ -877,16 +883,16 @@ SliMEImageProcessorPil.__doc__ = SliMEImageProcessorPil.__doc__.format(shared_ar
 
 class SliMEImageProcessor(_SliMEImageProcessorMixin, BaseImageProcessor):
     r"""
-    SliME image processor, torch backend (opt-in with `backend="torch"`): same geometry and normalisation as
-    [`SliMEImageProcessorPil`], resizes with `torch.nn.functional.interpolate(mode="bicubic", antialias=True)`.
-    Faster, also on GPU (`device=`), but not bit-exact: resized pixels differ from Pillow's by a few uint8 levels,
-    which can change the router's kept tokens. Does not need torchvision.
+        SliME image processor, torch backend (opt-in with `backend="torch"`): same geometry and normalisation as
+        [`SliMEImageProcessorPil`], resizes with `torch.nn.functional.interpolate(mode="bicubic", antialias=True)`.
+        Faster, also on GPU (`device=`), but not bit-exact: resized pixels differ from Pillow's by a few uint8 levels,
+        which can change the router's kept tokens. Does not need torchvision.
 
-    Args:
-{shared_args}        resample (`PILImageResampling`, *optional*, defaults to `BICUBIC`):
-            Interpolation: `BICUBIC` or `BILINEAR` (antialiased) or `NEAREST`.
-        num_threads (`int`, *optional*):
-            Ignored by this backend (kept so that one configuration serves both backends).
+        Args:
+    {shared_args}        resample (`PILImageResampling`, *optional*, defaults to `BICUBIC`):
+                Interpolation: `BICUBIC` or `BILINEAR` (antialiased) or `NEAREST`.
+            num_threads (`int`, *optional*):
+                Ignored by this backend (kept so that one configuration serves both backends).
     """
 
     _MODES = {

@@ -73,18 +73,47 @@ def _row(values: str) -> dict[str, str]:
 RELEASES: dict[str, SliMERelease] = {
     release.repo_id: release
     for release in (
-        SliMERelease("yifanzhang114/SliME-vicuna-7B", "SliME-7B", "Vicuna-7B", "lmsys/vicuna-7b-v1.5", "llama2",
-                     "vicuna_v1", _row("64.39 63.13 80.32 69.32 61.85 37.20 76.10 1544 383 35.40"),
-                     text_shape=(4096, 32, 32000)),
-        SliMERelease("yifanzhang114/SliME-Llama3-8B", "SliME-8B", "Llama3-8B", "meta-llama/Meta-Llama-3-8B-Instruct",
-                     "llama3", "llama3", _row("64.76 63.94 80.69 75.00 71.80 41.20 73.90 1578 337 37.40"),
-                     text_shape=(4096, 32, 128256)),
-        SliMERelease("yifanzhang114/SliME-vicuna-13B", "SliME-13B", "Vicuna-13B", "lmsys/vicuna-13b-v1.5", "llama2",
-                     "vicuna_v1", _row("66.11 63.60 80.43 71.13 65.20 38.00 73.10 1606 293 41.20"),
-                     text_shape=(5120, 40, 32000)),
-        SliMERelease("yifanzhang114/SliME-llama3-70B", "SliME-70B", "Llama3-70B",
-                     "meta-llama/Meta-Llama-3-70B-Instruct", "llama3", "llama3", None, lora=True,
-                     text_shape=(8192, 80, 128256)),
+        SliMERelease(
+            "yifanzhang114/SliME-vicuna-7B",
+            "SliME-7B",
+            "Vicuna-7B",
+            "lmsys/vicuna-7b-v1.5",
+            "llama2",
+            "vicuna_v1",
+            _row("64.39 63.13 80.32 69.32 61.85 37.20 76.10 1544 383 35.40"),
+            text_shape=(4096, 32, 32000),
+        ),
+        SliMERelease(
+            "yifanzhang114/SliME-Llama3-8B",
+            "SliME-8B",
+            "Llama3-8B",
+            "meta-llama/Meta-Llama-3-8B-Instruct",
+            "llama3",
+            "llama3",
+            _row("64.76 63.94 80.69 75.00 71.80 41.20 73.90 1578 337 37.40"),
+            text_shape=(4096, 32, 128256),
+        ),
+        SliMERelease(
+            "yifanzhang114/SliME-vicuna-13B",
+            "SliME-13B",
+            "Vicuna-13B",
+            "lmsys/vicuna-13b-v1.5",
+            "llama2",
+            "vicuna_v1",
+            _row("66.11 63.60 80.43 71.13 65.20 38.00 73.10 1606 293 41.20"),
+            text_shape=(5120, 40, 32000),
+        ),
+        SliMERelease(
+            "yifanzhang114/SliME-llama3-70B",
+            "SliME-70B",
+            "Llama3-70B",
+            "meta-llama/Meta-Llama-3-70B-Instruct",
+            "llama3",
+            "llama3",
+            None,
+            lora=True,
+            text_shape=(8192, 80, 128256),
+        ),
     )
 }
 
@@ -338,7 +367,8 @@ def save_model_card(folder: str | os.PathLike, base_model: str | list[str] | Non
     return path
 
 
-_ABOUT = """## What SliME is
+_ABOUT = (
+    """## What SliME is
 
 SliME ("{title}", [arXiv {arxiv}](https://arxiv.org/abs/{arxiv}), [code]({code})) is a high-resolution
 multimodal LLM. Each image is **sliced** into a global view (the whole image resized to 336x336) plus a grid of
@@ -358,7 +388,10 @@ Per image: `576 + 1 + kept` tokens out of `576 + 1 + 144 x local crops` (for a 3
 `576 + 1 + 864 = 1441`). The forward output reports it per image (`outputs.image_token_budget`), and the router's
 top-p can be set per call: `model(**inputs, router_top_p=0.7)`, `model.generate(**inputs, router_top_p=0.7)` (a
 lower value keeps fewer local tokens: faster, less detail).
-""".replace("{title}", PAPER_TITLE).replace("{arxiv}", PAPER_ARXIV_ID).replace("{code}", CODE_URL)
+""".replace("{title}", PAPER_TITLE)
+    .replace("{arxiv}", PAPER_ARXIV_ID)
+    .replace("{code}", CODE_URL)
+)
 
 _USAGE = """## Usage
 

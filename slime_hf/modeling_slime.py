@@ -14,7 +14,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from transformers import AutoModel, CLIPVisionConfig, GenerationMixin, LogitsProcessorList, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
@@ -51,7 +50,10 @@ ORIGINAL_TO_PACKAGE_NAMES: dict[str, str] = {
     "model.mm_projector.projection.2.bias": "model.projector.linear_2.bias",
     "model.mm_projector.w_gate": "model.global_adapter.gate_weight",
     "model.mm_projector.w_noise": "model.global_adapter.gate_noise_weight",
-    **{f"model.mm_projector.attn.{k}": f"model.global_adapter.attention_expert.{v}" for k, v in _RESAMPLER_PARTS.items()},
+    **{
+        f"model.mm_projector.attn.{k}": f"model.global_adapter.attention_expert.{v}"
+        for k, v in _RESAMPLER_PARTS.items()
+    },
     **{f"model.sampler.post_qformer.{k}": f"model.local_compressor.{v}" for k, v in _RESAMPLER_PARTS.items()},
 }
 ORIGINAL_TO_PACKAGE_PREFIXES: tuple[tuple[str, str], ...] = (
@@ -98,13 +100,39 @@ KNOWN_VISION_TOWERS = {
     "openai/clip-vit-large-patch14-336": CLIP_VIT_L_336,
 }
 ORIGINAL_MM_FIELDS = (
-    "mm_vision_tower", "mm_hidden_size", "mm_vision_select_layer", "mm_vision_select_feature", "mm_projector_type",
-    "mm_learnable_gated", "mm_resampler_type", "mm_resampler_dim", "mm_resampler_topp", "mm_resampler_temp",
-    "seperator", "use_global_only", "use_local_only", "mm_patch_merge_type", "image_aspect_ratio",
-    "image_grid_pinpoints", "tokenizer_padding_side", "tokenizer_model_max_length", "use_mm_proj",
-    "tune_mm_mlp_adapter", "freeze_mm_mlp_adapter", "mm_use_im_start_end", "mm_use_im_patch_token",
-    "mm_projector_lr", "architectures", "model_type", "_name_or_path", "transformers_version", "torch_dtype",
-    "dtype", "vision_tower", "mm_vision_tower_lr", "unfreeze_mm_vision_tower",
+    "mm_vision_tower",
+    "mm_hidden_size",
+    "mm_vision_select_layer",
+    "mm_vision_select_feature",
+    "mm_projector_type",
+    "mm_learnable_gated",
+    "mm_resampler_type",
+    "mm_resampler_dim",
+    "mm_resampler_topp",
+    "mm_resampler_temp",
+    "seperator",
+    "use_global_only",
+    "use_local_only",
+    "mm_patch_merge_type",
+    "image_aspect_ratio",
+    "image_grid_pinpoints",
+    "tokenizer_padding_side",
+    "tokenizer_model_max_length",
+    "use_mm_proj",
+    "tune_mm_mlp_adapter",
+    "freeze_mm_mlp_adapter",
+    "mm_use_im_start_end",
+    "mm_use_im_patch_token",
+    "mm_projector_lr",
+    "architectures",
+    "model_type",
+    "_name_or_path",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "vision_tower",
+    "mm_vision_tower_lr",
+    "unfreeze_mm_vision_tower",
 )
 _GATED_MODES = {-1: "mixture", 0: "mlp", 1: "attention"}
 
@@ -200,13 +228,18 @@ def load_original_state_dict(checkpoint_dir: str) -> dict[str, torch.Tensor]:
     `weights_only=True`), renamed to package names."""
     from safetensors.torch import load_file
 
-    index_files = [f for f in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-                   if os.path.isfile(os.path.join(checkpoint_dir, f))]
+    index_files = [
+        f
+        for f in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+        if os.path.isfile(os.path.join(checkpoint_dir, f))
+    ]
     if index_files:
         with open(os.path.join(checkpoint_dir, index_files[0])) as handle:
             shards = sorted(set(json.load(handle)["weight_map"].values()))
     else:
-        shards = [f for f in ("model.safetensors", "pytorch_model.bin") if os.path.isfile(os.path.join(checkpoint_dir, f))]
+        shards = [
+            f for f in ("model.safetensors", "pytorch_model.bin") if os.path.isfile(os.path.join(checkpoint_dir, f))
+        ]
     if not shards:
         raise ValueError(f"no weights (model*.safetensors or pytorch_model*.bin) found in {checkpoint_dir}")
     state_dict = {}
@@ -215,7 +248,11 @@ def load_original_state_dict(checkpoint_dir: str) -> dict[str, torch.Tensor]:
         if not os.path.isfile(path):
             raise ValueError(f"weight shard {shard} listed in the index is missing from {checkpoint_dir}")
         try:
-            tensors = load_file(path) if shard.endswith(".safetensors") else torch.load(path, map_location="cpu", weights_only=True)
+            tensors = (
+                load_file(path)
+                if shard.endswith(".safetensors")
+                else torch.load(path, map_location="cpu", weights_only=True)
+            )
         except Exception as error:  # noqa: BLE001
             raise ValueError(f"cannot read weight shard {path}: {error}") from error
         state_dict.update(rename_original_state_dict(tensors))
@@ -227,11 +264,14 @@ def load_vision_tower_weights(vision_dir: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     path = os.path.join(vision_dir, "model.safetensors")
-    tensors = load_file(path) if os.path.isfile(path) else torch.load(
-        os.path.join(vision_dir, "pytorch_model.bin"), map_location="cpu", weights_only=True
+    tensors = (
+        load_file(path)
+        if os.path.isfile(path)
+        else torch.load(os.path.join(vision_dir, "pytorch_model.bin"), map_location="cpu", weights_only=True)
     )
     return {
-        "model.vision_tower." + k: v for k, v in tensors.items()
+        "model.vision_tower." + k: v
+        for k, v in tensors.items()
         if k.startswith("vision_model.") and not k.endswith("position_ids")
     }
 
@@ -316,12 +356,16 @@ class SliMEResampler(nn.Module):
         table = self.position_table.detach()
         if input_grid != self.grid_size:
             side = self.grid_size
-            table = F.interpolate(
-                table.float().reshape(1, side, side, -1).permute(0, 3, 1, 2),
-                size=(input_grid, input_grid),
-                mode="bicubic",
-                align_corners=False,
-            ).permute(0, 2, 3, 1).flatten(0, 2)
+            table = (
+                F.interpolate(
+                    table.float().reshape(1, side, side, -1).permute(0, 3, 1, 2),
+                    size=(input_grid, input_grid),
+                    mode="bicubic",
+                    align_corners=False,
+                )
+                .permute(0, 2, 3, 1)
+                .flatten(0, 2)
+            )
         return table.to(self.table_dtype)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -481,8 +525,8 @@ class SliMEImageFeatures(BaseModelOutputWithPooling):
             text to route against, every local token is kept: the features before routing. Also `image_features`.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*): the vision tower's hidden states (views in the same
             order), with `output_hidden_states=True` (default: `config.output_hidden_states`).
-        attentions (`tuple(torch.FloatTensor)`, *optional*): the vision tower's attentions, with `output_attentions=True`
-            (default: `config.output_attentions`).
+        attentions (`tuple(torch.FloatTensor)`, *optional*): the vision tower's attentions, with
+            `output_attentions=True` (default: `config.output_attentions`).
         selected_indices (`list[torch.LongTensor]`): per image, kept positions in the merged local raster
             (empty under `use_global_only`).
         image_token_budget (`list[dict]`): per image, `global`, `separator`, `local_kept`, `local_total`, `total`.
@@ -617,6 +661,22 @@ def copy_remote_code(save_directory: str) -> None:
             shutil.copyfile(path, os.path.join(save_directory, name))
 
 
+def _keep_used_weight_conversions(model: PreTrainedModel) -> None:
+    """
+    Keeps only the used entries of `model._weight_conversions`, the key conversions `save_pretrained` reverts.
+
+    Works around a private transformers attribute (5.17 to 5.25 at least; no public API): `from_pretrained` records
+    on the model the conversions that matched checkpoint keys, and `save_pretrained` reverts all it finds there.
+    Regular loading records the used ones only, but ZeRO-3 loading keeps every candidate, the unused legacy
+    renamings too, and reverting those would save `model.language_model.model.*` names. This filters the list as
+    regular loading does. `tests/test_transformers_private.py` fails when transformers renames the attribute or
+    stops reverting it, so that this function gets revisited.
+    """
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions and all(hasattr(c, "was_used") for c in conversions):
+        model._weight_conversions = [c for c in conversions if c.was_used()]
+
+
 def _write_default_model_card(folder: str, config: SliMEConfig) -> None:
     """A model card (`README.md`) for a saved folder that has none, when the slime_hf package is installed (a lazy
     import, skipped with the remote code alone). The trainer and the converter write fuller cards; an existing
@@ -651,11 +711,7 @@ class SliMEPreTrainedModel(PreTrainedModel):
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Saves weights (package names only), config with `auto_map`, and the code files for remote loading."""
         self.config.auto_map = dict(AUTO_MAP)
-        conversions = getattr(self, "_weight_conversions", None)
-        if conversions and all(hasattr(c, "was_used") for c in conversions):
-            # transformers' ZeRO-3 loading keeps every candidate conversion, the unused legacy renamings too, and
-            # reverting those would save `model.language_model.model.*` names: keep the used ones, as regular loading.
-            self._weight_conversions = [c for c in conversions if c.was_used()]
+        _keep_used_weight_conversions(self)
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             copy_remote_code(str(save_directory))
@@ -710,22 +766,29 @@ class SliMEModel(SliMEPreTrainedModel):
     # -- checks -------------------------------------------------------------------------------------------------
     def _check_image_inputs(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> list[tuple[int, int]]:
         if not torch.is_tensor(pixel_values) or not torch.is_floating_point(pixel_values):
-            raise ValueError(f"pixel_values must be a floating-point tensor, got {type(pixel_values).__name__} "
-                             f"{getattr(pixel_values, 'dtype', '')}")
+            raise ValueError(
+                f"pixel_values must be a floating-point tensor, got {type(pixel_values).__name__} "
+                f"{getattr(pixel_values, 'dtype', '')}"
+            )
         tile = self.config.vision_config.image_size
         if pixel_values.ndim != 5 or tuple(pixel_values.shape[2:]) != (3, tile, tile):
-            raise ValueError(f"pixel_values must have shape (num_images, max_views, 3, {tile}, {tile}), "
-                             f"got {tuple(pixel_values.shape)}")
+            raise ValueError(
+                f"pixel_values must have shape (num_images, max_views, 3, {tile}, {tile}), "
+                f"got {tuple(pixel_values.shape)}"
+            )
         if image_sizes is None:
             raise ValueError("image_sizes (num_images, 2) as (height, width) is required with pixel_values")
         if not torch.is_tensor(image_sizes):
             image_sizes = torch.as_tensor(image_sizes)
         if torch.is_floating_point(image_sizes) or image_sizes.ndim != 2 or image_sizes.shape[1] != 2:
-            raise ValueError(f"image_sizes must be an integer tensor of shape (num_images, 2), got "
-                             f"{tuple(image_sizes.shape)} {image_sizes.dtype}")
+            raise ValueError(
+                f"image_sizes must be an integer tensor of shape (num_images, 2), got "
+                f"{tuple(image_sizes.shape)} {image_sizes.dtype}"
+            )
         if image_sizes.shape[0] != pixel_values.shape[0]:
-            raise ValueError(f"pixel_values holds {pixel_values.shape[0]} images but image_sizes "
-                             f"{image_sizes.shape[0]}")
+            raise ValueError(
+                f"pixel_values holds {pixel_values.shape[0]} images but image_sizes {image_sizes.shape[0]}"
+            )
         sizes = [(int(h), int(w)) for h, w in image_sizes.tolist()]
         # Views are zero-padded; a real (normalised) view is never all zeros. A size whose grid needs fewer views
         # than were given would silently drop crops; a transposed size with the same view count cannot be told
@@ -735,12 +798,16 @@ class SliMEModel(SliMEPreTrainedModel):
             rows, cols = get_slice_grid(size)
             needed = rows * cols + 1
             if needed > pixel_values.shape[1]:
-                raise ValueError(f"image {index} of size {size} needs {needed} views but pixel_values "
-                                 f"has only {pixel_values.shape[1]}")
+                raise ValueError(
+                    f"image {index} of size {size} needs {needed} views but pixel_values "
+                    f"has only {pixel_values.shape[1]}"
+                )
             if needed < given[index]:
-                raise ValueError(f"image {index}: image_sizes {list(size)} gives a {rows}x{cols} grid ({needed} views) "
-                                 f"but pixel_values holds {given[index]} non-padding views; pass the image_sizes the "
-                                 "processor returned with these pixel_values")
+                raise ValueError(
+                    f"image {index}: image_sizes {list(size)} gives a {rows}x{cols} grid ({needed} views) "
+                    f"but pixel_values holds {given[index]} non-padding views; pass the image_sizes the "
+                    "processor returned with these pixel_values"
+                )
         return sizes
 
     def _check_length_before_encoding(self, real: torch.Tensor, is_image: torch.Tensor) -> None:
@@ -761,9 +828,11 @@ class SliMEModel(SliMEPreTrainedModel):
         longest = int(shortest.max())
         if longest > limit:
             row = int(shortest.argmax())
-            raise ValueError(f"row {row} needs at least {longest} positions (text + {int(is_image[row].sum())} image "
-                             f"blocks of at least {block} tokens), {longest - limit} more than the text model's "
-                             f"max_position_embeddings={limit}")
+            raise ValueError(
+                f"row {row} needs at least {longest} positions (text + {int(is_image[row].sum())} image "
+                f"blocks of at least {block} tokens), {longest - limit} more than the text model's "
+                f"max_position_embeddings={limit}"
+            )
 
     # -- vision path --------------------------------------------------------------------------------------------
     def global_tokens(self, features: torch.Tensor) -> torch.Tensor:
@@ -875,8 +944,9 @@ class SliMEModel(SliMEPreTrainedModel):
         if routed and image_to_row is None:
             image_to_row = self._image_rows(input_ids, attention_mask)
         if image_to_row is not None and len(image_to_row) != len(sizes):
-            raise ValueError(f"the prompts hold {len(image_to_row)} image placeholders but {len(sizes)} images "
-                             "were given")
+            raise ValueError(
+                f"the prompts hold {len(image_to_row)} image placeholders but {len(sizes)} images were given"
+            )
 
         # One vision-tower call over the real views of the whole batch (global views first, then local crops).
         view_counts = [rows * cols for rows, cols in grids]
@@ -1078,14 +1148,23 @@ class SliMEModel(SliMEPreTrainedModel):
                 )
             else:
                 prepared = SliMEPreparedInputs(
-                    inputs_embeds=token_embeds, attention_mask=attention_mask, input_ids=input_ids, labels=labels,
+                    inputs_embeds=token_embeds,
+                    attention_mask=attention_mask,
+                    input_ids=input_ids,
+                    labels=labels,
                     truncated_positions=torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device),
                 )
             if anchor is not None:
                 prepared.inputs_embeds = prepared.inputs_embeds + anchor.to(prepared.inputs_embeds.dtype)
             return prepared
         image_outputs = self.get_image_features(
-            pixel_values, image_sizes, input_ids, attention_mask, labels, router_top_p, token_embeds=token_embeds,
+            pixel_values,
+            image_sizes,
+            input_ids,
+            attention_mask,
+            labels,
+            router_top_p,
+            token_embeds=token_embeds,
             return_dict=True,
         )
         prepared = self.assemble_inputs(
@@ -1124,8 +1203,9 @@ class SliMEModel(SliMEPreTrainedModel):
         real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
         is_image = (input_ids == self.config.image_token_id) & real
         if int(is_image.sum()) != len(image_features):
-            raise ValueError(f"the prompts hold {int(is_image.sum())} image placeholders but {len(image_features)} "
-                             "images were given")
+            raise ValueError(
+                f"the prompts hold {int(is_image.sum())} image placeholders but {len(image_features)} images were given"
+            )
         text_embeds = token_embeds if token_embeds is not None else self.embed_tokens(input_ids)
         dtype = text_embeds.dtype
 
@@ -1146,8 +1226,10 @@ class SliMEModel(SliMEPreTrainedModel):
         total = int(lengths.max()) if batch else 0
         limit = getattr(self.config.text_config, "max_position_embeddings", None)
         if limit is not None and total > limit:
-            raise ValueError(f"the assembled sequence has {total} positions (text + image tokens), "
-                             f"{total - limit} more than the text model's max_position_embeddings={limit}")
+            raise ValueError(
+                f"the assembled sequence has {total} positions (text + image tokens), "
+                f"{total - limit} more than the text model's max_position_embeddings={limit}"
+            )
         offsets = (total - lengths) if padding_side == "left" else torch.zeros_like(lengths)
         starts = unpadded_starts + offsets.unsqueeze(1)
 
@@ -1174,7 +1256,11 @@ class SliMEModel(SliMEPreTrainedModel):
             new_labels = torch.full((batch, total), -100, dtype=labels.dtype, device=device)
             new_labels[rows, starts[rows, cols]] = labels[rows, cols]
         return SliMEPreparedInputs(
-            inputs_embeds=out, attention_mask=new_mask, position_ids=position_ids, input_ids=ids, labels=new_labels,
+            inputs_embeds=out,
+            attention_mask=new_mask,
+            position_ids=position_ids,
+            input_ids=ids,
+            labels=new_labels,
             truncated_positions=truncated,
         )
 
@@ -1513,7 +1599,9 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(
-                logits=logits, labels=outputs.labels, vocab_size=self.config.text_config.vocab_size,
+                logits=logits,
+                labels=outputs.labels,
+                vocab_size=self.config.text_config.vocab_size,
                 num_items_in_batch=num_items_in_batch,
             )
         output = SliMECausalLMOutputWithPast(
@@ -1660,23 +1748,25 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
                 raise ValueError(f"{config_file} holds a JSON {type(config_dict).__name__}, not a config object")
             model_type = config_dict.get("model_type")
             if not is_original_layout(config_dict) and model_type != SliMEConfig.model_type:
-                raise ValueError(f"{config_file} is a config of model_type {model_type!r}, not a SliME model "
-                                 f"(expected {SliMEConfig.model_type!r}, or the authors' 'llava_llama' layout)")
+                raise ValueError(
+                    f"{config_file} is a config of model_type {model_type!r}, not a SliME model "
+                    f"(expected {SliMEConfig.model_type!r}, or the authors' 'llava_llama' layout)"
+                )
             if is_original_layout(config_dict):
                 config, vision_dir = config_from_original(config_dict, path)
                 state_dict = load_original_state_dict(path)
                 if not any(k.startswith("model.vision_tower.") for k in state_dict):
                     if vision_dir is None:
-                        raise ValueError("the checkpoint holds no vision tower weights and mm_vision_tower is not a "
-                                         "local directory; convert it with --vision-tower")
+                        raise ValueError(
+                            "the checkpoint holds no vision tower weights and mm_vision_tower is not a "
+                            "local directory; convert it with --vision-tower"
+                        )
                     state_dict.update(load_vision_tower_weights(vision_dir))
                 kwargs.pop("trust_remote_code", None)
                 for key in ("attn_implementation",):
                     if key in kwargs:
                         config._attn_implementation = kwargs[key]
-                model = super().from_pretrained(
-                    None, *model_args, config=config, state_dict=state_dict, **kwargs
-                )
+                model = super().from_pretrained(None, *model_args, config=config, state_dict=state_dict, **kwargs)
                 model.name_or_path = path
                 return model
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)

@@ -86,10 +86,7 @@ _CONTENT_MACRO = (
 # conv_vicuna_v1 (SeparatorStyle.TWO): system + " ", then "ROLE: message" + sep per message (sep " " after the user,
 # "</s>" after the assistant) and a bare "ROLE:" for an empty message, as the original `get_prompt`.
 _VICUNA_V1_TEMPLATE = (
-    _CONTENT_MACRO
-    + "{%- set ns = namespace(system='"
-    + VICUNA_SYSTEM_PROMPT.replace("'", "\\'")
-    + "') -%}"
+    _CONTENT_MACRO + "{%- set ns = namespace(system='" + VICUNA_SYSTEM_PROMPT.replace("'", "\\'") + "') -%}"
     "{%- set loop_messages = messages -%}"
     "{%- if messages and messages[0]['role'] == 'system' -%}"
     "{%- set ns.system = slime_content(messages[0]['content']) -%}"
@@ -117,11 +114,11 @@ def _llama3_template(original: bool) -> str:
     # given, no BOS in the text (the tokenizer adds it). At inference the original also appended its splitting marker
     # "<|eot_conversation|>" (not a token) after each assistant turn; training stripped it, so only
     # `llama3_original` keeps it.
-    # `{% generation %}` marks what training learns: a non-empty assistant answer and its end (as SliMEDataset's labels).
+    # `{% generation %}` marks what training learns: a non-empty assistant answer and its end (as SliMEDataset's
+    # labels).
     marker = " + '<|eot_conversation|>'" if original else ""
     return (
-        _CONTENT_MACRO
-        + "{%- for message in messages -%}"
+        _CONTENT_MACRO + "{%- for message in messages -%}"
         "{%- set text = slime_content(message['content']) -%}"
         "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' -}}"
         "{%- if text and message['role'] == 'assistant' -%}"
@@ -813,8 +810,10 @@ class SliMEProcessor(ProcessorMixin):
         from transformers.utils.chat_template_utils import render_jinja_template
 
         template = self._template_string(chat_template)
-        batched = isinstance(conversation, (list, tuple)) and bool(conversation) and (
-            isinstance(conversation[0], (list, tuple)) or hasattr(conversation[0], "messages")
+        batched = (
+            isinstance(conversation, (list, tuple))
+            and bool(conversation)
+            and (isinstance(conversation[0], (list, tuple)) or hasattr(conversation[0], "messages"))
         )
         conversations = [list(getattr(c, "messages", c)) for c in (conversation if batched else [conversation])]
         template_kwargs = {
@@ -953,7 +952,8 @@ class SliMEProcessor(ProcessorMixin):
         """
         kwargs = dict(kwargs)
         for unsupported in ("videos", "audio", "audios"):
-            # Generic callers (lmms-eval, `apply_chat_template`) pass `videos=None` / `[]`; only actual content is refused.
+            # Generic callers (lmms-eval, `apply_chat_template`) pass `videos=None` / `[]`; only actual content is
+            # refused.
             if not _is_empty_media(kwargs.pop(unsupported, None)):
                 raise ValueError(f"SliME takes images and text only, got {unsupported}.")
         merged = self._merge_call_kwargs(kwargs)

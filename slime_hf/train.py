@@ -91,8 +91,10 @@ def _resume_target(training_args: SliMETrainingArguments) -> str | bool | None:
     if not os.path.isdir(value):
         raise ValueError(f"--resume_from_checkpoint {value}: no such checkpoint folder")
     if not is_complete_checkpoint(value):
-        logger.warning(f"--resume_from_checkpoint {value}: it has no {CHECKPOINT_COMPLETE_NAME}, so its save may not "
-                       "have finished (or an older slime_hf wrote it)")
+        logger.warning(
+            f"--resume_from_checkpoint {value}: it has no {CHECKPOINT_COMPLETE_NAME}, so its save may not "
+            "have finished (or an older slime_hf wrote it)"
+        )
     return value
 
 

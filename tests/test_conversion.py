@@ -77,14 +77,22 @@ def build_base_llm(variant: str, folder: Path) -> Path:
     checkpoint = gu.checkpoint_dir(variant)
     config, _ = config_from_original(json.loads((checkpoint / "config.json").read_text()), str(checkpoint))
     state_dict = load_original_state_dict(str(checkpoint))
-    llm = {"model." + k.removeprefix("model.language_model."): v for k, v in state_dict.items()
-           if k.startswith("model.language_model.")}
+    llm = {
+        "model." + k.removeprefix("model.language_model."): v
+        for k, v in state_dict.items()
+        if k.startswith("model.language_model.")
+    }
     llm["lm_head.weight"] = state_dict["lm_head.weight"]
     model = LlamaForCausalLM(config.text_config)
     model.load_state_dict(llm, strict=True)
     model.save_pretrained(folder)
-    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "generation_config.json"):
+    for name in (
+        "tokenizer.model",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "generation_config.json",
+    ):
         if (checkpoint / name).is_file():
             shutil.copyfile(checkpoint / name, folder / name)
     return folder
@@ -93,14 +101,20 @@ def build_base_llm(variant: str, folder: Path) -> Path:
 def _case_inputs(variant: str, name: str, image_token_id: int) -> dict:
     golden = gu.case(variant, name)
     pixel_values, image_sizes = gu.pixel_inputs(golden["images"])
-    return {"input_ids": gu.golden_ids(golden["input_ids"], image_token_id), "pixel_values": pixel_values,
-            "image_sizes": image_sizes, "router_top_p": float(gu._json(golden["top_p"]))}
+    return {
+        "input_ids": gu.golden_ids(golden["input_ids"], image_token_id),
+        "pixel_values": pixel_values,
+        "image_sizes": image_sizes,
+        "router_top_p": float(gu._json(golden["top_p"])),
+    }
 
 
 # -------------------------------------------------------------------------------------------------------------
 # Full checkpoints: every golden case through the Auto classes, without slime_hf
 # -------------------------------------------------------------------------------------------------------------
-GOLDEN_SCRIPT = HIDE_PACKAGE + """
+GOLDEN_SCRIPT = (
+    HIDE_PACKAGE
+    + """
 import json
 import torch
 sys.path.insert(0, sys.argv[2])
@@ -129,30 +143,53 @@ for variant, folder in json.loads(sys.argv[1]).items():
         }
 print(json.dumps(results))
 """
+)
 
 
 @pytest.mark.slow
 def test_converted_releases_reproduce_every_golden_case(converter, tmp_path):
     outputs = {"V": tmp_path / "SliME-V-hf", "L": tmp_path / "SliME-L-hf"}
     # V in one shard and verified by the converter (the default); L in several shards with an index.
-    report = converter.convert(converter.parse_args(["--input", str(gu.checkpoint_dir("V")),
-                                                     "--output", str(outputs["V"])]))
+    report = converter.convert(
+        converter.parse_args(["--input", str(gu.checkpoint_dir("V")), "--output", str(outputs["V"])])
+    )
     assert report["kind"] == "full" and report["logits_max_abs_diff"] <= 1e-4
-    assert converter.main(["--input", str(gu.checkpoint_dir("L")), "--output", str(outputs["L"]),
-                           "--max-shard-size", "1MB", "--no-verify"]) == 0
+    assert (
+        converter.main(
+            [
+                "--input",
+                str(gu.checkpoint_dir("L")),
+                "--output",
+                str(outputs["L"]),
+                "--max-shard-size",
+                "1MB",
+                "--no-verify",
+            ]
+        )
+        == 0
+    )
 
     for variant, folder in outputs.items():
         checkpoint = gu.checkpoint_dir(variant)
         files = {p.name for p in folder.iterdir()}
-        assert {"config.json", "generation_config.json", "processor_config.json", "tokenizer_config.json",
-                "README.md", "configuration_slime.py", "modeling_slime.py", "processing_slime.py",
-                "image_processing_slime.py"} <= files
+        assert {
+            "config.json",
+            "generation_config.json",
+            "processor_config.json",
+            "tokenizer_config.json",
+            "README.md",
+            "configuration_slime.py",
+            "modeling_slime.py",
+            "processing_slime.py",
+            "image_processing_slime.py",
+        } <= files
         assert ("model.safetensors.index.json" in files) == (variant == "L")
         if variant == "V":
             assert (folder / "tokenizer.model").read_bytes() == (checkpoint / "tokenizer.model").read_bytes()
         release_generation = json.loads((checkpoint / "generation_config.json").read_text())
         assert json.loads((folder / "generation_config.json").read_text()) == {
-            k: v for k, v in release_generation.items() if k != "max_length"}
+            k: v for k, v in release_generation.items() if k != "max_length"
+        }
         config = json.loads((folder / "config.json").read_text())
         assert config["model_type"] == "slime" and config["position_table_dtype"] == "float16"
         assert config["auto_map"]["AutoModel"] == "modeling_slime.SliMEForConditionalGeneration"
@@ -165,8 +202,9 @@ def test_converted_releases_reproduce_every_golden_case(converter, tmp_path):
         assert "pipeline_tag: image-text-to-text" in (folder / "README.md").read_text()
         assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
-    results = run_hidden(GOLDEN_SCRIPT, json.dumps({v: str(f) for v, f in outputs.items()}), str(TESTS_DIR),
-                         cwd=tmp_path)
+    results = run_hidden(
+        GOLDEN_SCRIPT, json.dumps({v: str(f) for v, f in outputs.items()}), str(TESTS_DIR), cwd=tmp_path
+    )
     assert len(results) == 2 * len(gu.cases("V")["cases"])
     print(json.dumps(results, indent=1))
     for name, result in results.items():
@@ -278,8 +316,10 @@ def test_adapter_files_are_recognised_for_what_they_hold(variant):
 
 def test_adapter_readers_are_strict(tmp_path):
     tensors = torch.load(FIXTURES / "V" / "adapters" / "mm_projector.bin", weights_only=True)
-    torch.save({**tensors, "model.layers.0.mlp.up_proj.weight": torch.zeros(2), "model.mystery": torch.zeros(1)},
-               tmp_path / "mm_projector.bin")
+    torch.save(
+        {**tensors, "model.layers.0.mlp.up_proj.weight": torch.zeros(2), "model.mystery": torch.zeros(1)},
+        tmp_path / "mm_projector.bin",
+    )
     with pytest.raises(ValueError, match=r"not SliME adapter weights.*model\.layers\.0\.mlp\.up_proj\.weight.*mystery"):
         load_adapter_weights(tmp_path)
     empty = tmp_path / "empty"
@@ -311,8 +351,12 @@ def test_adapter_files_convert_to_a_stage_checkpoint(converter, variant, tmp_pat
     clip = FIXTURES / variant / "clip"
     adapters = FIXTURES / variant / "adapters"
     output = tmp_path / "stage"
-    assert converter.main(["--input", str(adapters), "--output", str(output), "--base", str(base),
-                           "--vision-tower", str(clip)]) == 0
+    assert (
+        converter.main(
+            ["--input", str(adapters), "--output", str(output), "--base", str(base), "--vision-tower", str(clip)]
+        )
+        == 0
+    )
     assert detect_checkpoint_kind(output) == "stage"
     assert {"config.json", ADAPTER_WEIGHTS_NAME, "README.md"} <= {p.name for p in output.iterdir()}
     saved = load_adapter_weights(output)
@@ -360,8 +404,7 @@ def build_lora_release(variant: str, folder: Path, base: Path) -> tuple[dict, to
 
     checkpoint = gu.checkpoint_dir(variant)
     model = SliMEForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    lora_config = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, lora_dropout=0.0,
-                             init_lora_weights=False)
+    lora_config = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, lora_dropout=0.0, init_lora_weights=False)
     torch.manual_seed(0)
     peft_model = get_peft_model(model.model.language_model, lora_config)  # LoRA layers injected in place
     for name, parameter in peft_model.named_parameters():
@@ -370,22 +413,26 @@ def build_lora_release(variant: str, folder: Path, base: Path) -> tuple[dict, to
     inputs = _case_inputs(variant, "single_3crop", model.config.image_token_id)
     with torch.no_grad():
         logits = model(**inputs).logits[0, -1]
-    new_ids = model.generate(**inputs, do_sample=False, max_new_tokens=8)[0, inputs["input_ids"].shape[1]:].tolist()
+    new_ids = model.generate(**inputs, do_sample=False, max_new_tokens=8)[0, inputs["input_ids"].shape[1] :].tolist()
     release_logits = gu.tensor(variant, gu.case(variant, "single_3crop")["logits_last_ref"])[0]
     assert (logits - release_logits).abs().max().item() > 1e-2  # the LoRA changes the answer
 
     folder.mkdir()
     # peft around the original LlavaLlamaForCausalLM: base_model.model.model.layers.* (the LLM is `model.`).
-    adapter = {k.replace("base_model.model.", "base_model.model.model.", 1): v.contiguous()
-               for k, v in get_peft_model_state_dict(peft_model).items()}
+    adapter = {
+        k.replace("base_model.model.", "base_model.model.model.", 1): v.contiguous()
+        for k, v in get_peft_model_state_dict(peft_model).items()
+    }
     save_file(adapter, str(folder / "adapter_model.safetensors"))
     lora_config.base_model_name_or_path = str(base)
     lora_config.task_type = "CAUSAL_LM"  # as the original trainer's config
     lora_config.save_pretrained(str(folder))
     original = _original_tensors(checkpoint)
-    non_lora = {"base_model.model." + k: v for k, v in original.items()
-                if k.startswith(("model.mm_projector.", "model.sampler."))
-                and not k.endswith(("pos_embed", ".mean", ".std"))}
+    non_lora = {
+        "base_model.model." + k: v
+        for k, v in original.items()
+        if k.startswith(("model.mm_projector.", "model.sampler.")) and not k.endswith(("pos_embed", ".mean", ".std"))
+    }
     torch.save(non_lora, folder / "non_lora_trainables.bin")
     config = json.loads((checkpoint / "config.json").read_text())
     config.update(mm_vision_tower="openai/clip-vit-large-patch14-336", mm_projector_lr=2e-5)
@@ -406,14 +453,17 @@ def test_lora_release_merges_to_the_logits_of_base_plus_adapter(converter, tmp_p
 
     output = tmp_path / "merged"
     # Base from adapter_config.json; CLIP given explicitly (the config names the Hub id); verification on.
-    report = converter.convert(converter.parse_args(["--input", str(release), "--output", str(output),
-                                                     "--vision-tower", str(FIXTURES / variant / "clip")]))
+    report = converter.convert(
+        converter.parse_args(
+            ["--input", str(release), "--output", str(output), "--vision-tower", str(FIXTURES / variant / "clip")]
+        )
+    )
     assert report["kind"] == "lora" and report["logits_max_abs_diff"] <= 1e-4
     merged = SliMEForConditionalGeneration.from_pretrained(output, dtype=torch.float32).eval()
     with torch.no_grad():
         logits = merged(**inputs).logits[0, -1]
     assert (logits - peft_logits).abs().max().item() <= 1e-4
-    new_ids = merged.generate(**inputs, do_sample=False, max_new_tokens=8)[0, inputs["input_ids"].shape[1]:].tolist()
+    new_ids = merged.generate(**inputs, do_sample=False, max_new_tokens=8)[0, inputs["input_ids"].shape[1] :].tolist()
     assert new_ids == peft_new_ids
     # The position tables (not in non_lora_trainables.bin) are regenerated exactly as the original builds them.
     original = _original_tensors(gu.checkpoint_dir(variant))
@@ -446,8 +496,10 @@ def test_lora_in_the_package_layout_merges_into_a_release(converter, tmp_path):
 
     folder = tmp_path / "lora"
     folder.mkdir()
-    save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(peft_model).items()},
-              str(folder / "adapter_model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in get_peft_model_state_dict(peft_model).items()},
+        str(folder / "adapter_model.safetensors"),
+    )
     lora_config.base_model_name_or_path = str(release)
     lora_config.save_pretrained(str(folder))
     non_lora = {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith("model.projector.")}
@@ -466,8 +518,11 @@ def test_lora_in_the_package_layout_merges_into_a_release(converter, tmp_path):
 
 def test_non_lora_trainables_in_both_layouts(tmp_path):
     original = _original_tensors(gu.checkpoint_dir("V"))
-    mm = {k: v for k, v in original.items() if k.startswith(("model.mm_projector.", "model.sampler."))
-          and not k.endswith(("pos_embed", ".mean", ".std"))}
+    mm = {
+        k: v
+        for k, v in original.items()
+        if k.startswith(("model.mm_projector.", "model.sampler.")) and not k.endswith(("pos_embed", ".mean", ".std"))
+    }
     torch.save({"base_model.model." + k: v for k, v in mm.items()}, tmp_path / "non_lora_trainables.bin")
     from_pickle = load_non_lora_trainables(tmp_path)
     assert set(from_pickle) == set(rename_original_state_dict(mm))
@@ -488,8 +543,12 @@ def test_non_lora_trainables_in_both_layouts(tmp_path):
 @pytest.mark.slow
 def test_bfloat16_output(converter, tmp_path):
     output = tmp_path / "bf16"
-    assert converter.main(["--input", str(gu.checkpoint_dir("V")), "--output", str(output), "--dtype", "bfloat16",
-                           "--no-verify"]) == 0
+    assert (
+        converter.main(
+            ["--input", str(gu.checkpoint_dir("V")), "--output", str(output), "--dtype", "bfloat16", "--no-verify"]
+        )
+        == 0
+    )
     dtypes = _saved_names_and_dtypes(output)
     tables = {"model.local_compressor.position_table", "model.global_adapter.attention_expert.position_table"}
     assert {dtypes[t] for t in tables} == {"F16"}
@@ -599,8 +658,13 @@ def test_a_killed_conversion_leaves_a_staging_folder_that_the_next_run_removes(c
     env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT), HF_HUB_OFFLINE="1")
 
     def run_killed(signal_name: str, output: Path) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-c", KILL_AFTER_WRITING, str(SCRIPT), signal_name, *argv, "--output",
-                               str(output)], env=env, capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-c", KILL_AFTER_WRITING, str(SCRIPT), signal_name, *argv, "--output", str(output)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     # SIGTERM unwinds: the staging folder is removed at once.
     terminated = run_killed("SIGTERM", tmp_path / "term")
@@ -649,9 +713,15 @@ def test_hub_input_downloads_only_the_files_it_needs(converter, tmp_path, monkey
     import huggingface_hub
 
     checkpoint = gu.checkpoint_dir("V")
-    junk = ["README.md", "training_args.bin", "trainer_state.json", "pytorch_model-00001-of-00002.bin",
-            "pytorch_model.bin.index.json", "global_step100/mp_rank_00_model_states.pt",
-            "checkpoint-1/mm_projector.bin"]
+    junk = [
+        "README.md",
+        "training_args.bin",
+        "trainer_state.json",
+        "pytorch_model-00001-of-00002.bin",
+        "pytorch_model.bin.index.json",
+        "global_step100/mp_rank_00_model_states.pt",
+        "checkpoint-1/mm_projector.bin",
+    ]
     listing = sorted(p.name for p in checkpoint.iterdir()) + junk
     calls = []
 
@@ -686,13 +756,32 @@ def test_push_to_hub_uploads_the_output(converter, tmp_path, monkeypatch):
     import huggingface_hub
 
     calls = []
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo",
-                        lambda self, repo_id, **kwargs: calls.append(("create_repo", repo_id, kwargs)))
-    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder",
-                        lambda self, **kwargs: calls.append(("upload_folder", kwargs["repo_id"], kwargs)))
+    monkeypatch.setattr(
+        huggingface_hub.HfApi,
+        "create_repo",
+        lambda self, repo_id, **kwargs: calls.append(("create_repo", repo_id, kwargs)),
+    )
+    monkeypatch.setattr(
+        huggingface_hub.HfApi,
+        "upload_folder",
+        lambda self, **kwargs: calls.append(("upload_folder", kwargs["repo_id"], kwargs)),
+    )
     output = tmp_path / "out"
-    assert converter.main(["--input", str(gu.checkpoint_dir("L")), "--output", str(output), "--no-verify",
-                           "--push-to-hub", "me/SliME-L-hf", "--private"]) == 0
+    assert (
+        converter.main(
+            [
+                "--input",
+                str(gu.checkpoint_dir("L")),
+                "--output",
+                str(output),
+                "--no-verify",
+                "--push-to-hub",
+                "me/SliME-L-hf",
+                "--private",
+            ]
+        )
+        == 0
+    )
     assert [c[:2] for c in calls] == [("create_repo", "me/SliME-L-hf"), ("upload_folder", "me/SliME-L-hf")]
     assert calls[0][2]["private"] is True and calls[0][2]["exist_ok"] is True
     assert calls[1][2]["folder_path"] == str(output)
@@ -728,15 +817,23 @@ def build_big_checkpoint(folder: Path, hidden: int = 1024, layers: int = 8) -> i
     folder.mkdir()
     config = json.loads((checkpoint / "config.json").read_text())
     vocab = config["vocab_size"]  # the tokenizer's
-    config.update(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=8,
-                  num_key_value_heads=8)
+    config.update(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+    )
     (folder / "config.json").write_text(json.dumps(config))
     shutil.copytree(FIXTURES / "V" / "clip", folder.parent / "clip")
     for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
         shutil.copyfile(checkpoint / name, folder / name)
     generator = torch.Generator().manual_seed(0)
-    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
-              "lm_head.weight": (vocab, hidden)}
+    shapes = {
+        "model.embed_tokens.weight": (vocab, hidden),
+        "model.norm.weight": (hidden,),
+        "lm_head.weight": (vocab, hidden),
+    }
     for i in range(layers):
         for proj in ("q", "k", "v", "o"):
             shapes[f"model.layers.{i}.self_attn.{proj}_proj.weight"] = (hidden, hidden)
@@ -745,8 +842,11 @@ def build_big_checkpoint(folder: Path, hidden: int = 1024, layers: int = 8) -> i
         shapes[f"model.layers.{i}.mlp.down_proj.weight"] = (hidden, 2 * hidden)
         shapes[f"model.layers.{i}.input_layernorm.weight"] = (hidden,)
         shapes[f"model.layers.{i}.post_attention_layernorm.weight"] = (hidden,)
-    mm = {k: v for k, v in _original_tensors(checkpoint).items() if not k.startswith(("model.layers.", "model.embed",
-                                                                                       "model.norm", "lm_head"))}
+    mm = {
+        k: v
+        for k, v in _original_tensors(checkpoint).items()
+        if not k.startswith(("model.layers.", "model.embed", "model.norm", "lm_head"))
+    }
     mm["model.mm_projector.projection.0.weight"] = torch.randn(hidden, 128, generator=generator) * 0.02
     mm["model.mm_projector.projection.0.bias"] = torch.zeros(hidden)
     mm["model.mm_projector.projection.2.weight"] = torch.randn(hidden, hidden, generator=generator) * 0.02
@@ -767,8 +867,9 @@ def build_big_checkpoint(folder: Path, hidden: int = 1024, layers: int = 8) -> i
         save_file(shard, str(folder / file), metadata={"format": "pt"})
         weight_map.update({name: file for name in shard})
         total += sum(t.numel() * t.element_size() for t in shard.values())
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                      "weight_map": weight_map}))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
     return total
 
 
@@ -777,15 +878,32 @@ def test_streaming_conversion_peak_memory(tmp_path):
     size = build_big_checkpoint(tmp_path / "big")
     env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
     result = subprocess.run(
-        [sys.executable, "-c", MEMORY_SCRIPT, str(SCRIPT), "--input", str(tmp_path / "big"), "--output",
-         str(tmp_path / "out"), "--no-verify", "--max-shard-size", "100MB"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-c",
+            MEMORY_SCRIPT,
+            str(SCRIPT),
+            "--input",
+            str(tmp_path / "big"),
+            "--output",
+            str(tmp_path / "out"),
+            "--no-verify",
+            "--max-shard-size",
+            "100MB",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     before, peak = map(float, result.stdout.split()[-2:])
     size_mb = size / 2**20
-    print(f"checkpoint {size_mb:.0f} MB: RSS after imports {before:.0f} MB, peak {peak:.0f} MB, "
-          f"+{peak - before:.0f} MB for the conversion")
+    print(
+        f"checkpoint {size_mb:.0f} MB: RSS after imports {before:.0f} MB, peak {peak:.0f} MB, "
+        f"+{peak - before:.0f} MB for the conversion"
+    )
     # At most one input shard mapped plus one tensor in flight: far below the model's size.
     assert peak - before < 0.5 * size_mb
     assert len(list((tmp_path / "out").glob("model-*.safetensors"))) >= 4

@@ -37,13 +37,19 @@ def via_other(other, lib):
 @pytest.fixture
 def modules():
     created = {}
-    for name, source in (("fakelib_for_tests.core", LIBRARY), ("otherlib_for_tests.x", OTHER_LIBRARY),
-                         ("slime_hf._deprecation_probe", PACKAGE)):
+    for name, source in (
+        ("fakelib_for_tests.core", LIBRARY),
+        ("otherlib_for_tests.x", OTHER_LIBRARY),
+        ("slime_hf._deprecation_probe", PACKAGE),
+    ):
         module = types.ModuleType(name)
         exec(compile(source, f"<{name}>", "exec"), module.__dict__)  # noqa: S102 - fixed source above
         sys.modules[name] = created[name] = module
-    yield types.SimpleNamespace(lib=created["fakelib_for_tests.core"], other=created["otherlib_for_tests.x"],
-                                own=created["slime_hf._deprecation_probe"])
+    yield types.SimpleNamespace(
+        lib=created["fakelib_for_tests.core"],
+        other=created["otherlib_for_tests.x"],
+        own=created["slime_hf._deprecation_probe"],
+    )
     for name in created:
         sys.modules.pop(name, None)
 

@@ -48,8 +48,14 @@ def golden_folder(tmp_path_factory) -> Path:
 
 
 def run_example(script: str, *args: str, cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(EXAMPLES / script), *args], cwd=cwd, input=stdin, text=True,
-                          capture_output=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *args],
+        cwd=cwd,
+        input=stdin,
+        text=True,
+        capture_output=True,
+        timeout=600,
+    )
 
 
 def greedy_answers(demo, messages_per_sample: list[list[dict]], images: list, max_new_tokens: int, **kwargs) -> list:
@@ -90,8 +96,22 @@ def test_generate_answers_a_folder_in_batches_as_jsonl(demo_folder, demo, tmp_pa
         picture.save(folder / name)
     (folder / "notes.txt").write_text("not an image")
     prompt = "Describe the image."
-    result = run_example("generate.py", "--model", str(demo_folder), "--images", str(folder), "--prompt", prompt,
-                         "--batch-size", "2", "--max-new-tokens", "6", "--output", "out/answers.jsonl", cwd=tmp_path)
+    result = run_example(
+        "generate.py",
+        "--model",
+        str(demo_folder),
+        "--images",
+        str(folder),
+        "--prompt",
+        prompt,
+        "--batch-size",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--output",
+        "out/answers.jsonl",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "3/3" in result.stderr  # the progress bar
     records = [json.loads(line) for line in (tmp_path / "out" / "answers.jsonl").read_text().splitlines()]
@@ -205,8 +225,17 @@ def test_generate_resume_skips_answered_images_and_appends(demo_folder, tmp_path
 
 def test_chat_streams_a_multi_turn_conversation_from_stdin(demo_folder, demo, tmp_path):
     turns = "What is shown?\n\n<image> and <image>?\nAnd the colours?\n/quit\nnever read\n"
-    result = run_example("chat.py", "--model", str(demo_folder), "--max-new-tokens", "5", "--transcript",
-                         "chat.json", cwd=tmp_path, stdin=turns)
+    result = run_example(
+        "chat.py",
+        "--model",
+        str(demo_folder),
+        "--max-new-tokens",
+        "5",
+        "--transcript",
+        "chat.json",
+        cwd=tmp_path,
+        stdin=turns,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "UNTRAINED DEMONSTRATION MODEL" in result.stderr
     assert "error: " in result.stderr and "placeholder" in result.stderr  # the "<image>" turn is refused, chat goes on
@@ -215,16 +244,20 @@ def test_chat_streams_a_multi_turn_conversation_from_stdin(demo_folder, demo, tm
     assert messages[0]["content"][0] == {"type": "image", "image": str(DEMO_IMAGE)}
     assert result.stdout.count("assistant: ") == 2 and "never read" not in result.stdout
     first = greedy_answers(demo, [[user_turn("What is shown?")]], [str(DEMO_IMAGE)], 5)[0]
-    history = [user_turn("What is shown?"), {"role": "assistant", "content": [{"type": "text", "text": first}]},
-               user_turn("And the colours?", image=False)]
+    history = [
+        user_turn("What is shown?"),
+        {"role": "assistant", "content": [{"type": "text", "text": first}]},
+        user_turn("And the colours?", image=False),
+    ]
     second = greedy_answers(demo, [history], [str(DEMO_IMAGE)], 5)[0]
     assert [messages[1]["content"][0]["text"], messages[3]["content"][0]["text"]] == [first, second]
     assert f"assistant: {first}" in result.stdout
 
 
 def test_pipeline_example_answers_through_the_pipeline(demo_folder, demo, tmp_path):
-    result = run_example("pipeline.py", "--model", str(demo_folder), "--max-new-tokens", "6", "--router-top-p",
-                         "0.5", cwd=tmp_path)
+    result = run_example(
+        "pipeline.py", "--model", str(demo_folder), "--max-new-tokens", "6", "--router-top-p", "0.5", cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     expected = greedy_answers(demo, [[user_turn(QUESTION)]], [str(DEMO_IMAGE)], 6, router_top_p=0.5)[0]
     assert result.stdout.strip().splitlines()[-1].strip() == expected
@@ -284,7 +317,9 @@ def test_pipeline_natively_reproduces_the_golden_greedy_ids(golden_folder):
     assert ids.tolist() == expected
 
 
-REMOTE_PIPELINE_SCRIPT = HIDE_PACKAGE + """
+REMOTE_PIPELINE_SCRIPT = (
+    HIDE_PACKAGE
+    + """
 import json
 import torch
 from PIL import Image
@@ -314,12 +349,12 @@ ids[ids == pipe.processor.image_token_id] = -200
 result["golden_ids"] = ids.tolist()
 print(json.dumps(result))
 """
+)
 
 
 def test_pipeline_with_remote_code_without_the_package(demo_folder, golden_folder, demo, tmp_path):
     golden, image, expected = _golden_pipeline_case()
-    out = run_hidden(REMOTE_PIPELINE_SCRIPT, str(demo_folder), str(golden_folder), str(DEMO_IMAGE), image,
-                     cwd=tmp_path)
+    out = run_hidden(REMOTE_PIPELINE_SCRIPT, str(demo_folder), str(golden_folder), str(DEMO_IMAGE), image, cwd=tmp_path)
     assert all(module.startswith("transformers_modules.") for module in out["modules"]), out["modules"]
     expected_answer = greedy_answers(demo, [[user_turn(QUESTION)]], [str(DEMO_IMAGE)], 6)[0]
     assert out["demo_chat"] == out["demo_images_text"] == expected_answer
@@ -339,7 +374,8 @@ def test_walkthrough_figure_draws_the_grid_on_the_crops_and_the_kept_tokens(demo
     walkthrough = _load_walkthrough()
     png = tmp_path / "figure" / "walkthrough.png"
     args = walkthrough.build_parser().parse_args(
-        ["--model", str(demo_folder), "--output", str(png), "--max-new-tokens", "4"])
+        ["--model", str(demo_folder), "--output", str(png), "--max-new-tokens", "4"]
+    )
     report = walkthrough.run(args)
     printed = capsys.readouterr().out
 
@@ -356,8 +392,9 @@ def test_walkthrough_figure_draws_the_grid_on_the_crops_and_the_kept_tokens(demo
     prompt = processor.apply_chat_template([user_turn(QUESTION)], add_generation_prompt=True)
     inputs = processor(images=[image], text=prompt)
     with torch.no_grad():
-        features = model.get_image_features(inputs["pixel_values"], inputs["image_sizes"], inputs["input_ids"],
-                                            inputs["attention_mask"])
+        features = model.get_image_features(
+            inputs["pixel_values"], inputs["image_sizes"], inputs["input_ids"], inputs["attention_mask"]
+        )
     kept = features.selected_indices[0].numpy()
     assert np.array_equal(report.kept, kept) and report.budget == features.image_token_budget[0]
     assert f"grid {rows} x {cols}" in printed and f"keeps {len(kept)} of {144 * rows * cols}" in printed
@@ -418,19 +455,43 @@ def test_bad_command_line_input_is_one_line_without_traceback(script, args, mess
     assert len(errors) == 1, result.stderr
 
 
-@pytest.mark.parametrize("script, args, header, rate_column", [
-    ("benchmark_gpu.py", ["--batches", "1", "--modes", "dynamic", "--new-tokens", "4"],
-     "| batch | cache | processor PIL / torch ms |", 8),
-    ("benchmark_training_gpu.py", ["--batch", "2", "--steps", "1", "--text-length", "64"],
-     "| training | gradient checkpointing | assembled length |", 6),
-])
+@pytest.mark.parametrize(
+    "script, args, header, rate_column",
+    [
+        (
+            "benchmark_gpu.py",
+            ["--batches", "1", "--modes", "dynamic", "--new-tokens", "4"],
+            "| batch | cache | processor PIL / torch ms |",
+            8,
+        ),
+        (
+            "benchmark_training_gpu.py",
+            ["--batch", "2", "--steps", "1", "--text-length", "64"],
+            "| training | gradient checkpointing | assembled length |",
+            6,
+        ),
+    ],
+)
 def test_gpu_benchmarks_run_at_tiny_shapes_on_the_cpu(script, args, header, rate_column):
     """The GPU benchmark scripts (run on a GPU machine at full size) print their table at tiny shapes anywhere."""
-    result = subprocess.run([sys.executable, str(EXAMPLES / "benchmarks" / script), "--tiny", "--device", "cpu",
-                             "--dtype", "float32", *args], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(EXAMPLES / "benchmarks" / script),
+            "--tiny",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    table = result.stdout[result.stdout.index(header):].splitlines()
+    table = result.stdout[result.stdout.index(header) :].splitlines()
     rows = [line.split("|") for line in table[2:] if line.startswith("| ") and "reference" not in line]
     # Decode tokens/s, training samples/s: numbers, never asserted on (timings vary on a busy machine).
     assert rows and all(isinstance(float(row[rate_column]), float) for row in rows)

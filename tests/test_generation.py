@@ -46,11 +46,14 @@ def new_ids(out: torch.Tensor, inputs: dict) -> list:
 
 
 # -- decoding strategies ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("strategy", [
-    dict(do_sample=True, num_return_sequences=2, top_k=20),
-    dict(do_sample=False, num_beams=3, num_return_sequences=2),
-    dict(do_sample=True, num_beams=3, num_return_sequences=2),
-])
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        dict(do_sample=True, num_return_sequences=2, top_k=20),
+        dict(do_sample=False, num_beams=3, num_return_sequences=2),
+        dict(do_sample=True, num_beams=3, num_return_sequences=2),
+    ],
+)
 def test_several_returned_sequences_each_start_with_their_prompt(loaded, strategy):
     variant, model = loaded
     inputs, _ = golden_inputs(variant, model, "batched_left_pad")
@@ -66,8 +69,10 @@ def test_several_returned_sequences_each_start_with_their_prompt(loaded, strateg
 def test_sampling_with_top_k_one_and_single_beam_search_equal_greedy(loaded):
     variant, model = loaded
     inputs, golden = golden_inputs(variant, model, "single_3crop")
-    assert new_ids(model.generate(**inputs, do_sample=True, top_k=1, max_new_tokens=24), inputs) == \
-        golden["generated_new_ids"]
+    assert (
+        new_ids(model.generate(**inputs, do_sample=True, top_k=1, max_new_tokens=24), inputs)
+        == golden["generated_new_ids"]
+    )
     beam = model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=24)
     assert new_ids(beam, inputs) == golden["generated_new_ids"]
 
@@ -75,8 +80,14 @@ def test_sampling_with_top_k_one_and_single_beam_search_equal_greedy(loaded):
 def test_dict_outputs_carry_scores_logits_hidden_states_and_the_budget(loaded):
     variant, model = loaded
     inputs, golden = golden_inputs(variant, model, "single_3crop")
-    out = model.generate(**inputs, **GREEDY, return_dict_in_generate=True, output_scores=True, output_logits=True,
-                         output_hidden_states=True)
+    out = model.generate(
+        **inputs,
+        **GREEDY,
+        return_dict_in_generate=True,
+        output_scores=True,
+        output_logits=True,
+        output_hidden_states=True,
+    )
     assert new_ids(out.sequences, inputs) == golden["generated_new_ids"]
     assert len(out.scores) == len(out.logits) == 24
     first_step = out.hidden_states[0]
@@ -106,8 +117,14 @@ def test_repetition_penalty_sees_the_prompt_text(loaded):
     inputs, _ = golden_inputs(variant, model, "single_3crop")
     with torch.no_grad():
         logits = model(**inputs).logits[0, -1]
-    out = model.generate(**inputs, do_sample=False, max_new_tokens=1, repetition_penalty=2.0,
-                         return_dict_in_generate=True, output_scores=True)
+    out = model.generate(
+        **inputs,
+        do_sample=False,
+        max_new_tokens=1,
+        repetition_penalty=2.0,
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
     scores = out.scores[0][0]
     ids = inputs["input_ids"][0]
     text_ids = ids[ids != model.config.image_token_id].unique()
@@ -123,8 +140,9 @@ def test_prompt_lookup_equals_greedy_and_never_feeds_the_image_id(loaded, name):
     variant, model = loaded
     inputs, golden = golden_inputs(variant, model, name)
     fed = []
-    hook = model.register_forward_pre_hook(lambda module, args, kwargs: fed.append(kwargs["input_ids"]),
-                                           with_kwargs=True)
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: fed.append(kwargs["input_ids"]), with_kwargs=True
+    )
     try:
         out = model.generate(**inputs, **GREEDY, prompt_lookup_num_tokens=3)
     finally:
@@ -203,8 +221,9 @@ def test_second_turn_with_the_first_turns_cache_equals_a_fresh_run(loaded, name)
     assert cache.get_seq_length() > 0
     second = _second_turn(model, inputs, first.sequences[:, inputs["input_ids"].shape[1] :])
     fresh = model.generate(**second, do_sample=False, max_new_tokens=8, return_dict_in_generate=True)
-    cached = model.generate(**second, do_sample=False, max_new_tokens=8, return_dict_in_generate=True,
-                            **{CACHE_FIELD: cache})
+    cached = model.generate(
+        **second, do_sample=False, max_new_tokens=8, return_dict_in_generate=True, **{CACHE_FIELD: cache}
+    )
     assert cached.sequences.tolist() == fresh.sequences.tolist()
     if name == "single_3crop":
         # The longer conversation makes the router keep other local tokens: the cached image block was stale.

@@ -134,8 +134,9 @@ def test_geometry_accepts_integer_like_sizes():
 def test_normalizer_is_the_exact_recipe():
     """The vectorised normalisation equals float32(u * (1/255) in float64), then (x - mean) / std in float32."""
     processor = SliMEImageProcessorPil()
-    normalizer = _get_normalizer(True, processor.rescale_factor, True, tuple(processor.image_mean),
-                                 tuple(processor.image_std))
+    normalizer = _get_normalizer(
+        True, processor.rescale_factor, True, tuple(processor.image_mean), tuple(processor.image_std)
+    )
     assert normalizer.use_fast
     levels = np.arange(256, dtype=np.uint8)
     x = (levels * 0.00392156862745098).astype(np.float32)
@@ -591,7 +592,11 @@ def test_auto_image_processor_remote_code_defaults_to_pil(tmp_path, common):
     env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", PYTHONPATH="")
     result = subprocess.run(
         [sys.executable, "-c", script, str(model_dir), str(common / "images" / "wide_1344x672.png")],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split("\n")[-2] == (

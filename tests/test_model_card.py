@@ -52,19 +52,31 @@ def test_a_training_run_needs_only_the_folder_and_the_base_model(tmp_path):
 
 
 def test_card_sections():
-    card = make_model_card(release="yifanzhang114/SliME-Llama3-8B", repo_id="me/SliME-Llama3-8B-hf",
-                           source="yifanzhang114/SliME-Llama3-8B", router_top_p=0.95)
+    card = make_model_card(
+        release="yifanzhang114/SliME-Llama3-8B",
+        repo_id="me/SliME-Llama3-8B-hf",
+        source="yifanzhang114/SliME-Llama3-8B",
+        router_top_p=0.95,
+    )
     metadata = _metadata(card)
     # A converted release's base model is the release it came from; its language model is named in the text.
     assert metadata["base_model"] == ["yifanzhang114/SliME-Llama3-8B"] and metadata["license"] == "llama3"
     assert "Its language model is [`meta-llama/Meta-Llama-3-8B-Instruct`]" in card
-    for heading in ("## What SliME is", "### Token budget", "## Usage", "### Pipeline", "### Tips", "## Results",
-                    "## Licence", "## Citation"):
+    for heading in (
+        "## What SliME is",
+        "### Token budget",
+        "## Usage",
+        "### Pipeline",
+        "### Tips",
+        "## Results",
+        "## Licence",
+        "## Citation",
+    ):
         assert heading in card, heading
     # What SliME is: slicing and token budget.
     assert "global view" in card and "336x336" in card and "576 + 1 + kept" in card and "144 x local crops" in card
     # Usage: AutoProcessor + apply_chat_template + greedy generate, on the card's repo.
-    assert 'AutoProcessor.from_pretrained(repo, trust_remote_code=True)' in card
+    assert "AutoProcessor.from_pretrained(repo, trust_remote_code=True)" in card
     assert "processor.apply_chat_template(messages, add_generation_prompt=True)" in card
     assert "generate(**inputs, do_sample=False" in card and 'repo = "me/SliME-Llama3-8B-hf"' in card
     assert 'pipeline("image-text-to-text", model="me/SliME-Llama3-8B-hf", trust_remote_code=True)' in card
@@ -78,8 +90,10 @@ def test_card_sections():
 
 def test_results_rows_are_the_papers():
     card = make_model_card(release="SliME-vicuna-13B")
-    assert "| SliME-13B (Vicuna-13B) | 66.11 | 63.60 | 80.43 | 71.13 | 65.20 | 38.00 | 73.10 | 1606 | 293 | 41.20 |" \
+    assert (
+        "| SliME-13B (Vicuna-13B) | 66.11 | 63.60 | 80.43 | 71.13 | 65.20 | 38.00 | 73.10 | 1606 | 293 | 41.20 |"
         in card
+    )
     assert "| model | " + " | ".join(RESULT_COLUMNS) + " |" in card
     assert "No benchmark results were published for SliME-70B" in make_model_card(release="SliME-llama3-70B")
 
@@ -110,8 +124,12 @@ def test_release_lookup_and_licences():
 
 
 def test_stage_checkpoint_card_and_bad_arguments():
-    card = make_model_card(base_model="lmsys/vicuna-7b-v1.5", base_model_relation="adapter", stage_checkpoint=True,
-                           training="Stage 2: local compressor on LLaVA-558k captions.")
+    card = make_model_card(
+        base_model="lmsys/vicuna-7b-v1.5",
+        base_model_relation="adapter",
+        stage_checkpoint=True,
+        training="Stage 2: local compressor on LLaVA-558k captions.",
+    )
     assert _metadata(card)["base_model_relation"] == "adapter"
     assert "slime_adapters.safetensors" in card and "--pretrained_adapters" in card
     assert "## Training\n\nStage 2: local compressor" in card
@@ -129,15 +147,21 @@ def test_cards_link_their_licence():
     releases, Llama 2 for the Vicuna ones), the authors' research-only terms otherwise, any licence id's own link."""
     expected = {"llama3": "https://www.llama.com/llama3/license/", "llama2": "https://www.llama.com/llama2/license/"}
     for release in RELEASES.values():
-        for card in (make_model_card(release=release), make_model_card(base_model=release.repo_id),
-                     make_model_card(base_model=release.base_model)):
+        for card in (
+            make_model_card(release=release),
+            make_model_card(base_model=release.repo_id),
+            make_model_card(base_model=release.base_model),
+        ):
             metadata = _metadata(card)
             assert metadata["license"] == release.license
             assert metadata["license_link"] == expected[release.license], release.repo_id
     assert {r.license for r in RELEASES.values()} == {"llama2", "llama3"}
     other = _metadata(make_model_card(base_model="someone/custom-llm"))
-    assert (other["license"], other["license_name"], other["license_link"]) == ("other", "slime-research-only",
-                                                                                CODE_URL)
+    assert (other["license"], other["license_name"], other["license_link"]) == (
+        "other",
+        "slime-research-only",
+        CODE_URL,
+    )
     apache = _metadata(make_model_card(base_model="someone/custom-llm", license="apache-2.0"))
     assert apache["license_link"] == "https://www.apache.org/licenses/LICENSE-2.0" and "license_name" not in apache
     own = _metadata(make_model_card(base_model="x/y", license="other", license_name="mine", license_link="LICENSE"))
@@ -148,8 +172,13 @@ def test_cards_link_their_licence():
 
 def test_a_converted_release_names_the_release_it_came_from(tmp_path):
     for release in RELEASES.values():
-        path = save_model_card(tmp_path / release.name, release=release, source=release.repo_id,
-                               base_model_relation=None, repo_id=f"me/{release.repo_id.split('/')[1]}-hf")
+        path = save_model_card(
+            tmp_path / release.name,
+            release=release,
+            source=release.repo_id,
+            base_model_relation=None,
+            repo_id=f"me/{release.repo_id.split('/')[1]}-hf",
+        )
         card = (tmp_path / release.name / "README.md").read_text()
         metadata = _metadata(card)
         assert metadata["base_model"] == [release.repo_id] and "base_model_relation" not in metadata
@@ -173,10 +202,15 @@ def fixture_model():
 def _trainer(model, tmp_path, stage: str):
     from slime_hf.training import SliMETrainer, SliMETrainingArguments
 
-    args = SliMETrainingArguments(output_dir=str(tmp_path / "run"), stage=stage, learning_rate=2e-5, use_cpu=True,
-                                  report_to="none")
-    return SliMETrainer(model=model, args=args, base_model="yifanzhang114/SliME-vicuna-7B",
-                        data_path=["data/sft.json", "data/more.json"])
+    args = SliMETrainingArguments(
+        output_dir=str(tmp_path / "run"), stage=stage, learning_rate=2e-5, use_cpu=True, report_to="none"
+    )
+    return SliMETrainer(
+        model=model,
+        args=args,
+        base_model="yifanzhang114/SliME-vicuna-7B",
+        data_path=["data/sft.json", "data/more.json"],
+    )
 
 
 @pytest.mark.parametrize("stage", ["3", "2", "lora"])

@@ -21,8 +21,11 @@ def saved_folder(tmp_path_factory):
 def _golden_inputs(model, name: str = "single_3crop") -> tuple[dict, dict]:
     golden = gu.case("V", name)
     pixel_values, image_sizes = gu.pixel_inputs(golden["images"])
-    inputs = dict(input_ids=gu.golden_ids(golden["input_ids"], model.config.image_token_id),
-                  pixel_values=pixel_values, image_sizes=image_sizes)
+    inputs = dict(
+        input_ids=gu.golden_ids(golden["input_ids"], model.config.image_token_id),
+        pixel_values=pixel_values,
+        image_sizes=image_sizes,
+    )
     return inputs, golden
 
 
@@ -40,7 +43,7 @@ def test_device_map_auto_loads_and_reproduces_the_golden(source, memory, saved_f
         assert model.hf_device_map["model.projector"] == model.hf_device_map["model.global_adapter"] == "disk"
     inputs, golden = _golden_inputs(model)
     generated = model.generate(**inputs, do_sample=False, max_new_tokens=24)
-    assert generated[:, inputs["input_ids"].shape[1]:].tolist() == golden["generated_new_ids"]
+    assert generated[:, inputs["input_ids"].shape[1] :].tolist() == golden["generated_new_ids"]
 
 
 def test_no_split_modules_cover_the_custom_blocks():
@@ -108,8 +111,9 @@ def test_bfloat16_run_keeps_position_tables_and_stays_close(saved_folder):
     assert model.model.projector.linear_1.weight.dtype == torch.bfloat16
     # the sin-cos tables keep their float16 values whatever the run dtype (the original builds them in float16; without
     # that rounding the local tokens move by ~2e-4)
-    assert torch.equal(model.model.local_compressor.position_table.float(),
-                       reference.model.local_compressor.position_table.float())
+    assert torch.equal(
+        model.model.local_compressor.position_table.float(), reference.model.local_compressor.position_table.float()
+    )
     inputs, _ = _golden_inputs(model)
     with torch.no_grad():
         low = model(**inputs).logits[:, -1].float()
@@ -128,8 +132,14 @@ def test_right_padded_prompts_generate_the_same_answers(saved_folder):
         input_ids[index, : len(row)] = row
         attention_mask[index, : len(row)] = 1
     pixel_values, image_sizes = gu.pixel_inputs(goldens[1]["images"])
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                         image_sizes=image_sizes, do_sample=False, max_new_tokens=24)
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        pixel_values=pixel_values,
+        image_sizes=image_sizes,
+        do_sample=False,
+        max_new_tokens=24,
+    )
     assert torch.equal(out[:, :width], input_ids)
     for index, golden in enumerate(goldens):
         assert out[index, width:].tolist() == golden["generated_new_ids"][0]

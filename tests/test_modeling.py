@@ -128,8 +128,9 @@ def test_batched_left_pad_equals_singles(model_and_variant):
     rows = [gu.golden_ids(s["input_ids"], model.config.image_token_id)[0] for s in singles]
     input_ids, attention_mask = gu.left_pad(rows, gu.cases(variant)["pad_token_id"])
     pixel_values, image_sizes = gu.pixel_inputs(golden["images"])
-    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                  image_sizes=image_sizes)
+    inputs = dict(
+        input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, image_sizes=image_sizes
+    )
     with torch.no_grad():
         out = model(**inputs)
     for row, single in enumerate(singles):
@@ -150,8 +151,9 @@ def test_mixed_batch_reproduces_every_row(model_and_variant):
     input_ids, attention_mask = gu.left_pad(rows, gu.cases(variant)["pad_token_id"])
     images = [image for g in goldens for image in g["images"]]
     pixel_values, image_sizes = gu.pixel_inputs(images)
-    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                  image_sizes=image_sizes)
+    inputs = dict(
+        input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, image_sizes=image_sizes
+    )
 
     routed_rows = []
     original = model.model._text_for_routing
@@ -190,8 +192,13 @@ def test_router_top_p_per_call_and_budget(original_models):
         narrow = model(**inputs, router_top_p=0.5)
     assert default.image_token_budget[0]["local_kept"] == 698  # config value 0.95
     assert narrow.selected_indices[0].tolist() == gu.selected(gu.case("V", "top_p_0.5")["images"][0])
-    assert narrow.image_token_budget[0] == {"global": 576, "separator": 1, "local_kept": 191, "local_total": 864,
-                                            "total": 768}
+    assert narrow.image_token_budget[0] == {
+        "global": 576,
+        "separator": 1,
+        "local_kept": 191,
+        "local_total": 864,
+        "total": 768,
+    }
 
 
 @pytest.mark.parametrize("switch", ["use_global_only", "use_local_only"])
@@ -221,8 +228,14 @@ def test_saved_folder_holds_only_package_names(original_models, tmp_path):
             for key in handle.keys():
                 names.add(key)
                 dtypes[key] = handle.get_slice(key).get_dtype()
-    package_prefixes = ("model.vision_tower.", "model.projector.", "model.global_adapter.",
-                        "model.local_compressor.", "model.language_model.", "lm_head.")
+    package_prefixes = (
+        "model.vision_tower.",
+        "model.projector.",
+        "model.global_adapter.",
+        "model.local_compressor.",
+        "model.language_model.",
+        "lm_head.",
+    )
     assert len(names) == len(model.state_dict())
     assert all(name.startswith(package_prefixes) for name in names), sorted(names)
     for forbidden in ("mm_projector", "sampler", "post_qformer", "vision_tower.vision_tower"):
@@ -230,8 +243,12 @@ def test_saved_folder_holds_only_package_names(original_models, tmp_path):
     assert not any(n.startswith(("model.layers.", "model.embed_tokens.", "model.norm.")) for n in names)
     assert dtypes["model.local_compressor.position_table"] == "F16"
     assert dtypes["model.global_adapter.attention_expert.position_table"] == "F16"
-    for code_file in ("configuration_slime.py", "modeling_slime.py", "image_processing_slime.py",
-                      "processing_slime.py"):
+    for code_file in (
+        "configuration_slime.py",
+        "modeling_slime.py",
+        "image_processing_slime.py",
+        "processing_slime.py",
+    ):
         assert (tmp_path / code_file).is_file()
     config = (tmp_path / "config.json").read_text()
     assert '"AutoModel": "modeling_slime.SliMEForConditionalGeneration"' in config

@@ -28,6 +28,7 @@ ORIGINAL_IMAGE_ID = -200
 VOCAB = {"V": 1000, "L": 1024}
 from golden_utils import _json  # noqa: E402
 
+
 PAD = {"V": ("<unk>", 0), "L": ("<|end_of_text|>", 1009)}
 BOS = {"V": 1, "L": 1008}
 # Golden entries marked `template: llama3` are the original's inference prompts.

@@ -50,14 +50,14 @@ def _quanto_int8():
 
 # backend -> (package it needs, its quantization config, is a text-model Linear quantized)
 BACKENDS = {
-    "bnb_8bit": ("bitsandbytes", lambda: _bnb(load_in_8bit=True),
-                 lambda m: type(m).__name__ == "Linear8bitLt"),
-    "bnb_4bit": ("bitsandbytes", lambda: _bnb(load_in_4bit=True),
-                 lambda m: type(m).__name__ == "Linear4bit"),
-    "torchao_int8_weight_only": ("torchao", _torchao_int8_weight_only,
-                                 lambda m: type(m.weight).__module__.startswith("torchao.")),
-    "quanto_int8": ("optimum.quanto", _quanto_int8,
-                    lambda m: type(m).__name__ == "QLinear"),
+    "bnb_8bit": ("bitsandbytes", lambda: _bnb(load_in_8bit=True), lambda m: type(m).__name__ == "Linear8bitLt"),
+    "bnb_4bit": ("bitsandbytes", lambda: _bnb(load_in_4bit=True), lambda m: type(m).__name__ == "Linear4bit"),
+    "torchao_int8_weight_only": (
+        "torchao",
+        _torchao_int8_weight_only,
+        lambda m: type(m.weight).__module__.startswith("torchao."),
+    ),
+    "quanto_int8": ("optimum.quanto", _quanto_int8, lambda m: type(m).__name__ == "QLinear"),
 }
 
 
@@ -82,9 +82,11 @@ def _run(backend: str, folder: str) -> dict:
         generated = model.generate(**inputs, do_sample=False, max_new_tokens=NEW_TOKENS)
         results[name] = {
             "kept": [indices.tolist() for indices in outputs.selected_indices],
-            "new_ids": generated[0, inputs["input_ids"].shape[1]:].tolist(),
+            "new_ids": generated[0, inputs["input_ids"].shape[1] :].tolist(),
             "vocab_size": outputs.logits.shape[-1],
-            "logits_diff": (outputs.logits[0, -1].float() - gu.tensor("V", golden["logits_last_ref"])[0]).abs().max()
+            "logits_diff": (outputs.logits[0, -1].float() - gu.tensor("V", golden["logits_last_ref"])[0])
+            .abs()
+            .max()
             .item(),
         }
     return results
@@ -104,8 +106,11 @@ def _agreement(results: dict) -> tuple[int, int, float, list[int]]:
             union += len(set(kept) | set(reference))
         reference_ids = golden["generated_new_ids"][0][:NEW_TOKENS]
         prefix = 0
-        while prefix < len(reference_ids) and prefix < len(result["new_ids"]) and \
-                result["new_ids"][prefix] == reference_ids[prefix]:
+        while (
+            prefix < len(reference_ids)
+            and prefix < len(result["new_ids"])
+            and result["new_ids"][prefix] == reference_ids[prefix]
+        ):
             prefix += 1
         prefixes.append(prefix)
     return same, total, intersection / union, prefixes
@@ -158,9 +163,11 @@ def test_quantized_model_generates_with_an_image(backend, saved_folder):
     results = _run(backend, str(saved_folder))
     same, total, iou, prefixes = _agreement(results)
     diffs = ", ".join(f"{results[name]['logits_diff']:.3f}" for name in CASES)
-    print(f"\n[{backend}] kept indices equal to float32's: {same}/{total} images (IoU {iou:.4f}); "
-          f"greedy prefix equal to float32's per case: {prefixes} of {NEW_TOKENS}; "
-          f"max |last logits - float32| per case: {diffs}")
+    print(
+        f"\n[{backend}] kept indices equal to float32's: {same}/{total} images (IoU {iou:.4f}); "
+        f"greedy prefix equal to float32's per case: {prefixes} of {NEW_TOKENS}; "
+        f"max |last logits - float32| per case: {diffs}"
+    )
     for name in CASES:
         assert len(results[name]["new_ids"]) == NEW_TOKENS, name
         assert all(0 <= i < results[name]["vocab_size"] for i in results[name]["new_ids"]), name

@@ -36,8 +36,9 @@ def test_readme_snippets_run_against_the_demo_model(demo_folder, tmp_path, monke
     (tmp_path / "photo.png").write_bytes(DEMO_IMAGE.read_bytes())
     namespace: dict = {}
     for snippet in snippets:
-        code = (snippet.replace("your-name/SliME-vicuna-7B-hf", str(demo_folder))
-                .replace("path/to/SliME-vicuna-7B", str(FIXTURES / "V" / "checkpoint")))
+        code = snippet.replace("your-name/SliME-vicuna-7B-hf", str(demo_folder)).replace(
+            "path/to/SliME-vicuna-7B", str(FIXTURES / "V" / "checkpoint")
+        )
         exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the README is ours
     assert (tmp_path / "SliME-vicuna-7B-hf" / "modeling_slime.py").is_file()
 
@@ -69,8 +70,13 @@ def test_demo_prints_grid_budget_stages_and_answer(demo_folder, monkeypatch):
 )
 def test_demo_bad_input_is_one_line_without_traceback(demo_folder, args, message):
     env = dict(os.environ, SLIME_DEMO_DIR=str(demo_folder))
-    result = subprocess.run([sys.executable, "-m", "slime_hf.demo", *args, "--max-new-tokens", "2"],
-                            capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "slime_hf.demo", *args, "--max-new-tokens", "2"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert message in result.stderr

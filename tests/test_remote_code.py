@@ -31,7 +31,9 @@ def _converter_hide_package() -> str:
 
 HIDE_PACKAGE = _converter_hide_package()
 
-REMOTE_SCRIPT = HIDE_PACKAGE + """
+REMOTE_SCRIPT = (
+    HIDE_PACKAGE
+    + """
 import json
 import torch
 from PIL import Image
@@ -77,14 +79,16 @@ print(json.dumps({
     "new_ids": generated[0, inputs["input_ids"].shape[1]:].tolist(),
 }))
 """
+)
 
 
 def run_hidden(script: str, *args: str, cwd) -> dict:
     """Runs a script in a fresh Python where `slime_hf` cannot be imported; returns its last JSON line."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(cwd / "hf_modules"), TRANSFORMERS_VERBOSITY="error")
-    result = subprocess.run([sys.executable, "-c", script, *args], cwd=cwd, env=env, capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", script, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 

@@ -33,8 +33,7 @@ def _authors_folder(root):
 
 @pytest.mark.parametrize("layout", ["saved", "authors"])
 @pytest.mark.parametrize("content", ["empty", "truncated", "garbage"])
-def test_corrupt_tokenizer_model_without_tokenizer_json_is_an_error_naming_it(layout, content, saved_folder,
-                                                                              tmp_path):
+def test_corrupt_tokenizer_model_without_tokenizer_json_is_an_error_naming_it(layout, content, saved_folder, tmp_path):
     """Without tokenizer.json the tokenizer is built from tokenizer.model: an empty one used to load (prompts became
     `[3]`, with a false "not found" warning) and a damaged one asked for tiktoken."""
     if layout == "saved":
@@ -44,8 +43,9 @@ def test_corrupt_tokenizer_model_without_tokenizer_json_is_an_error_naming_it(la
     else:
         folder = _authors_folder(tmp_path)
     data = (CHECKPOINT / "tokenizer.model").read_bytes()
-    (folder / "tokenizer.model").write_bytes({"empty": b"", "truncated": data[: len(data) // 2],
-                                              "garbage": b"\0" * 1000}[content])
+    (folder / "tokenizer.model").write_bytes(
+        {"empty": b"", "truncated": data[: len(data) // 2], "garbage": b"\0" * 1000}[content]
+    )
     with pytest.raises(ValueError, match=r"tokenizer\.model is not a valid SentencePiece model") as error:
         SliMEProcessor.from_pretrained(folder)
     assert str(folder / "tokenizer.model") in str(error.value) and "tiktoken" not in str(error.value)

@@ -76,23 +76,50 @@ def test_bad_input_is_one_line_naming_the_problem(tmp_path, capsys, monkeypatch)
     checkpoint = str(FIXTURES / "V" / "checkpoint")
     out = ["--output_dir", str(tmp_path / "out")]
 
-    message = _cli_error(capsys, ["--model_name_or_path", str(tmp_path / "nope"), "--data_path", "ok.json", *out,
-                                  *COMMON])
+    message = _cli_error(
+        capsys, ["--model_name_or_path", str(tmp_path / "nope"), "--data_path", "ok.json", *out, *COMMON]
+    )
     assert "nope: no such folder" in message and "text model" not in message
     message = _cli_error(capsys, ["--model_name_or_path", checkpoint, "--data_path", "missing.json", *out, *COMMON])
     assert "training data file not found: missing.json" in message and "Hub" not in message
     message = _cli_error(capsys, ["--model_name_or_path", checkpoint, "--data_path", "bad.json", *out, *COMMON])
     assert "bad.json is not valid JSON" in message
-    message = _cli_error(capsys, ["--model_name_or_path", checkpoint, "--data_path", "ok.json", *out, *COMMON,
-                                  "--resume_from_checkpoint", "true"])
+    message = _cli_error(
+        capsys,
+        [
+            "--model_name_or_path",
+            checkpoint,
+            "--data_path",
+            "ok.json",
+            *out,
+            *COMMON,
+            "--resume_from_checkpoint",
+            "true",
+        ],
+    )
     assert "no complete checkpoint in" in message
 
 
 def test_the_module_exits_with_status_2_and_no_traceback(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT), HF_HUB_OFFLINE="1")
-    result = subprocess.run([sys.executable, "-m", "slime_hf.train", "--model_name_or_path", "./no_such_model",
-                             "--data_path", "data.json", "--output_dir", "out"], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "slime_hf.train",
+            "--model_name_or_path",
+            "./no_such_model",
+            "--data_path",
+            "data.json",
+            "--output_dir",
+            "out",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "error: training data file not found: data.json" in result.stderr

@@ -41,8 +41,9 @@ def golden_samples(variant: str, kind: str) -> dict:
 
 
 def dataset(variant: str, kind: str, **kwargs) -> SliMEDataset:
-    return SliMEDataset(golden_samples(variant, kind)["samples"], IMAGE_FOLDER, processor(variant), KINDS[kind],
-                        **kwargs)
+    return SliMEDataset(
+        golden_samples(variant, kind)["samples"], IMAGE_FOLDER, processor(variant), KINDS[kind], **kwargs
+    )
 
 
 def golden_ids(variant: str, ids: list[int]) -> list[int]:
@@ -113,8 +114,9 @@ def test_collator_gives_the_golden_batch(variant, kind):
     handle = safe_open(str(FIXTURES / variant / "training" / "batches.safetensors"), "pt")
     rows = json.loads(handle.metadata()["rows"])[kind]
     golden_input_ids = handle.get_tensor(f"{kind}.input_ids")
-    golden_input_ids = golden_input_ids.masked_fill(golden_input_ids == ORIGINAL_IMAGE_ID,
-                                                    processor(variant).image_token_id)
+    golden_input_ids = golden_input_ids.masked_fill(
+        golden_input_ids == ORIGINAL_IMAGE_ID, processor(variant).image_token_id
+    )
     assert torch.equal(batch["input_ids"], golden_input_ids)
     assert torch.equal(batch["attention_mask"], handle.get_tensor(f"{kind}.attention_mask"))
     expected_labels = handle.get_tensor(f"{kind}.labels")
@@ -131,7 +133,7 @@ def test_collator_gives_the_golden_batch(variant, kind):
     for image, row in enumerate(image_rows):
         expected = torch.from_numpy(pixels[rows[row].removesuffix(".png")])
         assert torch.equal(batch["pixel_values"][image, : len(expected)], expected)
-        assert not batch["pixel_values"][image, len(expected):].any()
+        assert not batch["pixel_values"][image, len(expected) :].any()
 
 
 def test_text_only_batch_has_no_image_keys_and_mixed_batches_keep_the_order():
@@ -145,8 +147,11 @@ def test_text_only_batch_has_no_image_keys_and_mixed_batches_keep_the_order():
 
 
 def _records(**overrides) -> list[dict]:
-    record = {"id": "s0", "image": "odd_337x211.png", "conversations": [
-        {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "Stripes."}]}
+    record = {
+        "id": "s0",
+        "image": "odd_337x211.png",
+        "conversations": [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "Stripes."}],
+    }
     record.update(overrides)
     return [record]
 
@@ -155,11 +160,15 @@ def _records(**overrides) -> list[dict]:
     "overrides, message",
     [
         ({"image": "no_such_file.png"}, "cannot load image"),
-        ({"conversations": [{"from": "human", "value": "What is this?"}, {"from": "gpt", "value": "x"}]},
-         "1 image(s) but 0 <image> placeholder"),
+        (
+            {"conversations": [{"from": "human", "value": "What is this?"}, {"from": "gpt", "value": "x"}]},
+            "1 image(s) but 0 <image> placeholder",
+        ),
         ({"image": None}, "0 image(s) but 1 <image> placeholder"),
-        ({"conversations": [{"from": "human", "value": "<image>\nHi"}, {"from": "human", "value": "again"}]},
-         "alternate"),
+        (
+            {"conversations": [{"from": "human", "value": "<image>\nHi"}, {"from": "human", "value": "again"}]},
+            "alternate",
+        ),
         ({"conversations": [{"from": "robot", "value": "<image>\nHi"}]}, "unknown speaker"),
     ],
 )
@@ -191,12 +200,16 @@ def test_images_outside_the_image_folder_are_refused_unless_allowed(tmp_path):
     (folder / "sub").mkdir(parents=True)
     Image.open(IMAGE_FOLDER / "odd_337x211.png").save(tmp_path / "outside.png")
     Image.open(IMAGE_FOLDER / "odd_337x211.png").save(folder / "sub" / "inside.png")
-    records = (_records(image=str(tmp_path / "outside.png")) + _records(id="s1", image="../outside.png")
-               + _records(id="s2", image="sub/../sub/inside.png"))
+    records = (
+        _records(image=str(tmp_path / "outside.png"))
+        + _records(id="s1", image="../outside.png")
+        + _records(id="s2", image="sub/../sub/inside.png")
+    )
     strict = SliMEDataset(records, folder, processor("V"), "vicuna_v1")
     for index, sample_id in ((0, "s0"), (1, "s1")):
-        with pytest.raises(ValueError, match=f"sample '{sample_id}'.*outside the image folder.*"
-                                             "--allow_images_outside_folder"):
+        with pytest.raises(
+            ValueError, match=f"sample '{sample_id}'.*outside the image folder.*--allow_images_outside_folder"
+        ):
             strict[index]
     assert strict[2]["pixel_values"].shape[0] == 1  # '..' that stays inside is fine
     lenient = SliMEDataset(records, folder, processor("V"), "vicuna_v1", skip_bad_samples=True)
@@ -205,11 +218,14 @@ def test_images_outside_the_image_folder_are_refused_unless_allowed(tmp_path):
     assert all(allowed[i]["pixel_values"].shape[0] == 1 for i in range(3))
 
 
-@pytest.mark.parametrize("conversations, message", [
-    ([], "has an empty 'conversations' list"),
-    ("hello", "'conversations' must be a list of turns, got str"),
-    (None, "has no 'conversations' list"),
-])
+@pytest.mark.parametrize(
+    "conversations, message",
+    [
+        ([], "has an empty 'conversations' list"),
+        ("hello", "'conversations' must be a list of turns, got str"),
+        (None, "has no 'conversations' list"),
+    ],
+)
 def test_missing_empty_or_mistyped_conversations_are_told_apart(conversations, message):
     record = _records(conversations=conversations)[0]
     if conversations is None:
@@ -234,8 +250,12 @@ LONG_ANSWER = " ".join(["stripes"] * 300)
 def test_text_longer_than_the_limit_is_cut_at_the_end():
     """As the original's tokenizer/collator: the text alone is cut to model_max_length tokens (the model cuts the
     assembled sequence after routing, see test_training_truncation.py)."""
-    records = [{"id": "t0", "conversations": [{"from": "human", "value": "Describe stripes."},
-                                              {"from": "gpt", "value": LONG_ANSWER}]}]
+    records = [
+        {
+            "id": "t0",
+            "conversations": [{"from": "human", "value": "Describe stripes."}, {"from": "gpt", "value": LONG_ANSWER}],
+        }
+    ]
     full = SliMEDataset(records, None, processor("V"), "vicuna_v1")[0]
     data = SliMEDataset(records, None, processor("V"), "vicuna_v1", model_max_length=100)
     item = data[0]
@@ -258,11 +278,15 @@ def test_a_sample_whose_image_could_reach_past_the_limit_is_refused():
     fits = SliMEDataset(_records(), IMAGE_FOLDER, processor("V"), "vicuna_v1", model_max_length=end)
     assert fits[0] is not None and fits.num_truncated == 0
     short = SliMEDataset(_records(), IMAGE_FOLDER, processor("V"), "vicuna_v1", model_max_length=end - 1)
-    with pytest.raises(ValueError, match=rf"sample 's0'.*image 0 may end at assembled position {end}.*"
-                                         rf"model_max_length={end - 1}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"sample 's0'.*image 0 may end at assembled position {end}.*"
+        rf"model_max_length={end - 1}",
+    ):
         short[0]
-    skipping = SliMEDataset(_records(), IMAGE_FOLDER, processor("V"), "vicuna_v1", model_max_length=end - 1,
-                            skip_bad_samples=True)
+    skipping = SliMEDataset(
+        _records(), IMAGE_FOLDER, processor("V"), "vicuna_v1", model_max_length=end - 1, skip_bad_samples=True
+    )
     assert skipping[0] is None and skipping.num_skipped == 1
 
 
@@ -273,16 +297,22 @@ def test_the_refusal_uses_the_stage_token_budget():
     model = SliMEForConditionalGeneration.from_pretrained(FIXTURES / "V" / "checkpoint")
     apply_stage_config(model, "1a")  # global view only: exactly 576 positions per image
     end = _image_sample_end(576)
-    assert SliMEDataset(_records(), IMAGE_FOLDER, processor("V"), "vicuna_v1", model_max_length=end,
-                        model_config=model.config)[0] is not None
+    assert (
+        SliMEDataset(
+            _records(), IMAGE_FOLDER, processor("V"), "vicuna_v1", model_max_length=end, model_config=model.config
+        )[0]
+        is not None
+    )
     with pytest.raises(ValueError, match="may end at assembled position"):
-        SliMEDataset(_records(), IMAGE_FOLDER, processor("V"), "vicuna_v1", model_max_length=end - 1,
-                     model_config=model.config)[0]
+        SliMEDataset(
+            _records(), IMAGE_FOLDER, processor("V"), "vicuna_v1", model_max_length=end - 1, model_config=model.config
+        )[0]
 
 
 def test_a_text_cut_that_would_remove_an_image_is_refused():
-    records = _records(conversations=[{"from": "human", "value": "Describe. " * 60 + "<image>"},
-                                      {"from": "gpt", "value": "Stripes."}])
+    records = _records(
+        conversations=[{"from": "human", "value": "Describe. " * 60 + "<image>"}, {"from": "gpt", "value": "Stripes."}]
+    )
     with pytest.raises(ValueError, match="sample 's0'.*cut would remove an image"):
         SliMEDataset(records, IMAGE_FOLDER, processor("V"), "vicuna_v1", model_max_length=50)[0]
 
@@ -297,11 +327,24 @@ def test_jsonl_files_and_hf_datasets_are_read(tmp_path):
     assert torch.equal(data[4]["input_ids"], reference[4]["input_ids"])
 
     datasets = pytest.importorskip("datasets")
-    records = [{"id": s["id"], "image": Image.open(IMAGE_FOLDER / s["image"]) if s.get("image") else None,
-                "conversations": s["conversations"]} for s in samples[:3]]
-    hf = datasets.Dataset.from_list(records, features=datasets.Features({
-        "id": datasets.Value("string"), "image": datasets.Image(),
-        "conversations": [{"from": datasets.Value("string"), "value": datasets.Value("string")}]}))
+    records = [
+        {
+            "id": s["id"],
+            "image": Image.open(IMAGE_FOLDER / s["image"]) if s.get("image") else None,
+            "conversations": s["conversations"],
+        }
+        for s in samples[:3]
+    ]
+    hf = datasets.Dataset.from_list(
+        records,
+        features=datasets.Features(
+            {
+                "id": datasets.Value("string"),
+                "image": datasets.Image(),
+                "conversations": [{"from": datasets.Value("string"), "value": datasets.Value("string")}],
+            }
+        ),
+    )
     from_hf = SliMEDataset(hf, None, processor("L"))
     for index in range(3):
         assert torch.equal(from_hf[index]["input_ids"], reference[index]["input_ids"])
@@ -313,8 +356,9 @@ def test_modality_lengths_and_grouped_sampler():
     assert [length > 0 for length in lengths] == [True, True, False, True, True, True]
     # 20 image and 9 text-only samples, batch 2, 2 ranks: every full mega-batch holds one modality.
     lengths = [5 + (i % 7) for i in range(20)] + [-(3 + i) for i in range(9)]
-    order = get_modality_length_grouped_indices(lengths, batch_size=2, world_size=2,
-                                                generator=torch.Generator().manual_seed(0))
+    order = get_modality_length_grouped_indices(
+        lengths, batch_size=2, world_size=2, generator=torch.Generator().manual_seed(0)
+    )
     assert sorted(order) == list(range(len(lengths)))
     megabatches = [order[i : i + 4] for i in range(0, len(order), 4)]
     for megabatch in megabatches[:-1]:

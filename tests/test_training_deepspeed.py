@@ -40,14 +40,32 @@ def cpu_accelerator(monkeypatch):
 def stage_1a(workspace, fresh: bool = False) -> list[str]:
     """Stage 1a from the base LLM, with freshly initialised adapters or the fixture's."""
     given = [] if fresh else ["--pretrained_adapters", str(FIXTURES / "V" / "adapters")]
-    return ["--stage", "1a", "--model_name_or_path", str(workspace / "base_V"), "--vision_tower",
-            str(FIXTURES / "V" / "clip"), *given, "--data_path", str(workspace / "plain4.json"), "--image_folder",
-            str(IMAGE_FOLDER)]
+    return [
+        "--stage",
+        "1a",
+        "--model_name_or_path",
+        str(workspace / "base_V"),
+        "--vision_tower",
+        str(FIXTURES / "V" / "clip"),
+        *given,
+        "--data_path",
+        str(workspace / "plain4.json"),
+        "--image_folder",
+        str(IMAGE_FOLDER),
+    ]
 
 
 def stage_3(workspace) -> list[str]:
-    return ["--stage", "3", "--model_name_or_path", str(FIXTURES / "V" / "checkpoint"),
-            "--data_path", str(workspace / "sft2.json"), "--image_folder", str(IMAGE_FOLDER)]
+    return [
+        "--stage",
+        "3",
+        "--model_name_or_path",
+        str(FIXTURES / "V" / "checkpoint"),
+        "--data_path",
+        str(workspace / "sft2.json"),
+        "--image_folder",
+        str(IMAGE_FOLDER),
+    ]
 
 
 def run(workspace, name: str, stage_args: list[str], zero: int | None, **overrides):
@@ -56,8 +74,15 @@ def run(workspace, name: str, stage_args: list[str], zero: int | None, **overrid
         args = common_cli_args(output, per_device_train_batch_size=2, seed=SEED, **overrides)
         result = run_train_cli(stage_args + args, cwd=workspace)
     else:
-        args = common_cli_args(output, per_device_train_batch_size=1, seed=SEED, ddp_backend="gloo",
-                               deepspeed=CONFIGS / f"zero{zero}.json", log_level="info", **overrides)
+        args = common_cli_args(
+            output,
+            per_device_train_batch_size=1,
+            seed=SEED,
+            ddp_backend="gloo",
+            deepspeed=CONFIGS / f"zero{zero}.json",
+            log_level="info",
+            **overrides,
+        )
         result = run_train_cli(stage_args + args, cwd=workspace, nproc=2, timeout=400)
         assert f"distributed setup: DEEPSPEED ZeRO-{zero} over 2 process(es)" in result.stdout + result.stderr
     history = json.loads((output / "trainer_state.json").read_text())["log_history"]
@@ -109,8 +134,18 @@ def test_zero3_stage_3_with_a_text_only_rank_saves_a_loadable_model(workspace):
 def test_zero3_lora_stage_3_saves_the_same_adapters_as_one_process(workspace):
     """LoRA on the language model of a release in the authors' layout, the vision adapters trained fully (LoRA
     dropout off: one process drawing masks for a batch of two cannot match two processes drawing for one each)."""
-    lora = ["--lora_enable", "true", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0", "--adapter_lr",
-            "1e-3"]
+    lora = [
+        "--lora_enable",
+        "true",
+        "--lora_r",
+        "4",
+        "--lora_alpha",
+        "8",
+        "--lora_dropout",
+        "0",
+        "--adapter_lr",
+        "1e-3",
+    ]
     single, expected = run(workspace, "single_lora", stage_3(workspace) + lora, None, optim="sgd", max_steps=2)
     zero3, actual = run(workspace, "zero3_lora", stage_3(workspace) + lora, 3, optim="sgd", max_steps=2)
     assert max(abs(a - b) for a, b in zip(expected, actual)) <= 1e-5
@@ -127,8 +162,15 @@ def test_zero2_run_continues_from_its_checkpoint_to_the_same_weights(workspace):
     full, expected = run(workspace, "zero2_full", stage_1a(workspace), 2, max_steps=4, **options)
     stopped, _ = run(workspace, "zero2_stopped", stage_1a(workspace), 2, max_steps=2, **options)
     assert (stopped / "checkpoint-2" / "slime_adapters.safetensors").is_file()
-    _, continued = run(workspace, "zero2_stopped", stage_1a(workspace), 2, max_steps=4,
-                       resume_from_checkpoint=str(stopped / "checkpoint-2"), **options)
+    _, continued = run(
+        workspace,
+        "zero2_stopped",
+        stage_1a(workspace),
+        2,
+        max_steps=4,
+        resume_from_checkpoint=str(stopped / "checkpoint-2"),
+        **options,
+    )
     assert continued == expected
     a, b = load_file(str(full / "slime_adapters.safetensors")), load_file(str(stopped / "slime_adapters.safetensors"))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

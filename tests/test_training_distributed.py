@@ -29,9 +29,18 @@ def workspace(tmp_path_factory):
 
 
 def stage_1a_args(workspace) -> list[str]:
-    return ["--stage", "1a", "--model_name_or_path", str(workspace / "base_V"), "--vision_tower",
-            str(FIXTURES / "V" / "clip"), "--data_path", str(workspace / "plain4.json"), "--image_folder",
-            str(IMAGE_FOLDER)]
+    return [
+        "--stage",
+        "1a",
+        "--model_name_or_path",
+        str(workspace / "base_V"),
+        "--vision_tower",
+        str(FIXTURES / "V" / "clip"),
+        "--data_path",
+        str(workspace / "plain4.json"),
+        "--image_folder",
+        str(IMAGE_FOLDER),
+    ]
 
 
 def log_losses(output_dir) -> list[float]:
@@ -41,11 +50,17 @@ def log_losses(output_dir) -> list[float]:
 
 def test_ddp_two_processes_equal_one_process_with_twice_the_batch(workspace):
     single, ddp = workspace / "single", workspace / "ddp"
-    run_train_cli(stage_1a_args(workspace) + common_cli_args(single, per_device_train_batch_size=2, seed=SEED),
-                  cwd=workspace)
-    run_train_cli(stage_1a_args(workspace) + common_cli_args(ddp, per_device_train_batch_size=1, seed=SEED,
-                                                             ddp_backend="gloo", ddp_find_unused_parameters="false"),
-                  cwd=workspace, nproc=2)
+    run_train_cli(
+        stage_1a_args(workspace) + common_cli_args(single, per_device_train_batch_size=2, seed=SEED), cwd=workspace
+    )
+    run_train_cli(
+        stage_1a_args(workspace)
+        + common_cli_args(
+            ddp, per_device_train_batch_size=1, seed=SEED, ddp_backend="gloo", ddp_find_unused_parameters="false"
+        ),
+        cwd=workspace,
+        nproc=2,
+    )
     expected, actual = log_losses(single), log_losses(ddp)
     assert len(expected) == len(actual) == 4
     assert max(abs(a - b) for a, b in zip(expected, actual)) <= 1e-5
@@ -58,11 +73,30 @@ def test_ddp_text_only_batch_on_one_rank_runs_the_same_modules(workspace):
     """Stage 3, one image sample and one text-only sample per step on two ranks, DDP without
     find_unused_parameters: the text-only rank's dummy image keeps the gradient reduction complete."""
     output = workspace / "ddp_text_only"
-    args = ["--stage", "3", "--model_name_or_path", str(FIXTURES / "V" / "checkpoint"), "--data_path",
-            str(workspace / "sft2.json"), "--image_folder", str(IMAGE_FOLDER)]
-    run_train_cli(args + common_cli_args(output, per_device_train_batch_size=1, max_steps=2, seed=SEED,
-                                         ddp_backend="gloo", ddp_find_unused_parameters="false"),
-                  cwd=workspace, nproc=2, timeout=300)
+    args = [
+        "--stage",
+        "3",
+        "--model_name_or_path",
+        str(FIXTURES / "V" / "checkpoint"),
+        "--data_path",
+        str(workspace / "sft2.json"),
+        "--image_folder",
+        str(IMAGE_FOLDER),
+    ]
+    run_train_cli(
+        args
+        + common_cli_args(
+            output,
+            per_device_train_batch_size=1,
+            max_steps=2,
+            seed=SEED,
+            ddp_backend="gloo",
+            ddp_find_unused_parameters="false",
+        ),
+        cwd=workspace,
+        nproc=2,
+        timeout=300,
+    )
     values = log_losses(output)
     assert len(values) == 2 and all(v == v for v in values)
 
@@ -129,18 +163,42 @@ def test_fsdp2_two_processes_equal_one_process(workspace):
     script = workspace / "fsdp_worker.py"
     script.write_text(FSDP_WORKER)
     env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    common = [str(workspace / "base_V"), str(FIXTURES / "V" / "clip"), str(workspace / "plain4.json"),
-              str(IMAGE_FOLDER)]
+    common = [
+        str(workspace / "base_V"),
+        str(FIXTURES / "V" / "clip"),
+        str(workspace / "plain4.json"),
+        str(IMAGE_FOLDER),
+    ]
     results = {}
-    for name, launcher in (("single", [sys.executable]),
-                           ("fsdp", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                     "--master_port", str(29600 + os.getpid() % 1000)])):
+    for name, launcher in (
+        ("single", [sys.executable]),
+        (
+            "fsdp",
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                "2",
+                "--master_port",
+                str(29600 + os.getpid() % 1000),
+            ],
+        ),
+    ):
         out = workspace / f"fsdp_{name}"
-        result = subprocess.run(launcher + [str(script), *common, str(out)], cwd=workspace, env=env,
-                                capture_output=True, text=True, timeout=300)
+        result = subprocess.run(
+            launcher + [str(script), *common, str(out)],
+            cwd=workspace,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert result.returncode == 0, result.stderr[-4000:]
-        results[name] = (json.loads((out / "losses.json").read_text()),
-                         load_file(str(out / "slime_adapters.safetensors")))
+        results[name] = (
+            json.loads((out / "losses.json").read_text()),
+            load_file(str(out / "slime_adapters.safetensors")),
+        )
     (loss_a, weights_a), (loss_b, weights_b) = results["single"], results["fsdp"]
     assert max(abs(a - b) for a, b in zip(loss_a, loss_b)) <= 1e-5
     assert set(weights_a) == set(weights_b)

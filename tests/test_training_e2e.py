@@ -22,8 +22,11 @@ from training_helpers import IMAGE_FOLDER, common_cli_args, make_base_llm, run_t
 
 
 ADAPTERS = ("model.projector.", "model.global_adapter.", "model.local_compressor.")
-NEVER_TRAINED = ("model.global_adapter.attention_expert.position_table", "model.local_compressor.position_table",
-                 "model.global_adapter.gate_noise_weight")
+NEVER_TRAINED = (
+    "model.global_adapter.attention_expert.position_table",
+    "model.local_compressor.position_table",
+    "model.global_adapter.gate_noise_weight",
+)
 SEED = 7
 
 
@@ -119,8 +122,14 @@ def test_stage_chain_1a_1b_2_3(workspace):
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(workspace / "hf_modules"))
-    result = subprocess.run([sys.executable, "-c", script, str(outputs["3"]), str(IMAGE_FOLDER / "odd_337x211.png")],
-                            cwd=workspace, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(outputs["3"]), str(IMAGE_FOLDER / "odd_337x211.png")],
+        cwd=workspace,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     module, new_tokens = result.stdout.split()[-2:]
     assert module.startswith("transformers_modules.") and int(new_tokens) == 6
@@ -147,13 +156,33 @@ def test_llama3_variant_stage_1a_then_3(workspace):
     write_samples("L", "plain", workspace / "plain_L.json")
     samples = json.loads((FIXTURES / "L" / "training" / "sft_samples.json").read_text())["samples"]
     (workspace / "sft_L.json").write_text(json.dumps([samples[0], samples[2], samples[3]]))
-    model_args = ["--model_name_or_path", str(base), "--vision_tower", str(FIXTURES / "L" / "clip"), "--image_folder",
-                  str(IMAGE_FOLDER)]
+    model_args = [
+        "--model_name_or_path",
+        str(base),
+        "--vision_tower",
+        str(FIXTURES / "L" / "clip"),
+        "--image_folder",
+        str(IMAGE_FOLDER),
+    ]
     stage1a, stage3 = workspace / "L_1a", workspace / "L_3"
-    run_train_cli(["--stage", "1a", *model_args, "--data_path", str(workspace / "plain_L.json")]
-                  + common_cli_args(stage1a, seed=SEED), cwd=workspace)
-    run_train_cli(["--stage", "3", *model_args, "--data_path", str(workspace / "sft_L.json"), "--pretrained_adapters",
-                   str(stage1a)] + common_cli_args(stage3, seed=SEED), cwd=workspace)
+    run_train_cli(
+        ["--stage", "1a", *model_args, "--data_path", str(workspace / "plain_L.json")]
+        + common_cli_args(stage1a, seed=SEED),
+        cwd=workspace,
+    )
+    run_train_cli(
+        [
+            "--stage",
+            "3",
+            *model_args,
+            "--data_path",
+            str(workspace / "sft_L.json"),
+            "--pretrained_adapters",
+            str(stage1a),
+        ]
+        + common_cli_args(stage3, seed=SEED),
+        cwd=workspace,
+    )
     assert_learned(stage1a)
     assert_learned(stage3)
     final = SliMEForConditionalGeneration.from_pretrained(stage3)
@@ -168,13 +197,33 @@ def test_lora_fine_tune_of_a_release(workspace):
     no position tables); peft's loading and the merge of the package's LoRA reader agree."""
     release = FIXTURES / "V" / "checkpoint"
     output = workspace / "lora"
-    args = ["--stage", "3", "--model_name_or_path", str(release), "--data_path", str(workspace / "sft.json"),
-            "--image_folder", str(IMAGE_FOLDER), "--lora_enable", "true", "--lora_r", "4", "--lora_alpha", "8",
-            "--adapter_lr", "1e-3"]
+    args = [
+        "--stage",
+        "3",
+        "--model_name_or_path",
+        str(release),
+        "--data_path",
+        str(workspace / "sft.json"),
+        "--image_folder",
+        str(IMAGE_FOLDER),
+        "--lora_enable",
+        "true",
+        "--lora_r",
+        "4",
+        "--lora_alpha",
+        "8",
+        "--adapter_lr",
+        "1e-3",
+    ]
     run_train_cli(args + common_cli_args(output, seed=SEED), cwd=workspace)
     assert_learned(output)
-    assert {"adapter_config.json", "adapter_model.safetensors", "non_lora_trainables.safetensors", "config.json",
-            "tokenizer.model"} <= set(os.listdir(output))
+    assert {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "non_lora_trainables.safetensors",
+        "config.json",
+        "tokenizer.model",
+    } <= set(os.listdir(output))
 
     base = SliMEForConditionalGeneration.from_pretrained(release, dtype=torch.float32)
     non_lora = load_non_lora_trainables(output)
@@ -189,8 +238,9 @@ def test_lora_fine_tune_of_a_release(workspace):
     adapter = LoraAdapter(output)
     targets = set(adapter.targets)
     assert targets and all(t.startswith("model.language_model.layers.") for t in targets)
-    weights = {name: adapter.merge(name, tensor) if name in targets else tensor
-               for name, tensor in merged.state_dict().items()}
+    weights = {
+        name: adapter.merge(name, tensor) if name in targets else tensor for name, tensor in merged.state_dict().items()
+    }
     weights.update(non_lora)
     merged.load_state_dict(weights)
     inputs = {"input_ids": torch.tensor([[1, 338, 464, 269, 871, 261, 733]])}
@@ -222,27 +272,50 @@ main(sys.argv[1:])
 def test_run_killed_while_saving_resumes_from_the_last_complete_checkpoint_to_identical_weights(workspace):
     samples = json.loads((workspace / "plain.json").read_text())
     (workspace / "plain4.json").write_text(json.dumps(samples + [dict(samples[0], id="plain-3")]))
-    args = ["--stage", "1a", "--model_name_or_path", str(workspace / "base_V"), "--vision_tower",
-            str(FIXTURES / "V" / "clip"), "--data_path", str(workspace / "plain4.json"), "--image_folder",
-            str(IMAGE_FOLDER)]
+    args = [
+        "--stage",
+        "1a",
+        "--model_name_or_path",
+        str(workspace / "base_V"),
+        "--vision_tower",
+        str(FIXTURES / "V" / "clip"),
+        "--data_path",
+        str(workspace / "plain4.json"),
+        "--image_folder",
+        str(IMAGE_FOLDER),
+    ]
     options = {"max_steps": 6, "save_strategy": "steps", "save_steps": 2, "per_device_train_batch_size": 1}
     uninterrupted = workspace / "uninterrupted"
     run_train_cli(args + common_cli_args(uninterrupted, seed=SEED, **options), cwd=workspace)
 
     killed = workspace / "killed"
     env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT), KILL_AT_STEP="4", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, *args,
-                             *common_cli_args(killed, seed=SEED, **options)],
-                            cwd=workspace, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", KILL_DURING_SAVE, *args, *common_cli_args(killed, seed=SEED, **options)],
+        cwd=workspace,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 3, result.stderr[-3000:]
-    assert sorted(p.name for p in killed.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-2",
-                                                                                            "checkpoint-4"]
-    assert {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", ADAPTER_WEIGHTS_NAME,
-            CHECKPOINT_COMPLETE_NAME} <= set(os.listdir(killed / "checkpoint-2"))
+    assert sorted(p.name for p in killed.iterdir() if p.name.startswith("checkpoint-")) == [
+        "checkpoint-2",
+        "checkpoint-4",
+    ]
+    assert {
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng_state.pth",
+        "trainer_state.json",
+        ADAPTER_WEIGHTS_NAME,
+        CHECKPOINT_COMPLETE_NAME,
+    } <= set(os.listdir(killed / "checkpoint-2"))
     half_written = set(os.listdir(killed / "checkpoint-4"))
     assert ADAPTER_WEIGHTS_NAME in half_written and not half_written & {"optimizer.pt", CHECKPOINT_COMPLETE_NAME}
-    resumed = run_train_cli(args + common_cli_args(killed, seed=SEED, resume_from_checkpoint="true", **options),
-                            cwd=workspace)
+    resumed = run_train_cli(
+        args + common_cli_args(killed, seed=SEED, resume_from_checkpoint="true", **options), cwd=workspace
+    )
     assert f"skipping {killed / 'checkpoint-4'}: its save did not finish" in resumed.stderr
     assert f"resuming from {killed / 'checkpoint-2'}" in resumed.stderr
     assert all((killed / f"checkpoint-{step}" / CHECKPOINT_COMPLETE_NAME).is_file() for step in (2, 4, 6))

@@ -25,8 +25,14 @@ STAGE_SCRIPTS = sorted(p.name for p in TRAIN_EXAMPLES.glob("stage*.sh"))
 def script_arguments(script: str, **env: str) -> list[str]:
     """What a script passes to `slime_hf.train` (the launcher replaced by `echo`)."""
     environment = dict(os.environ, LAUNCHER="echo", **env)
-    result = subprocess.run(["bash", str(TRAIN_EXAMPLES / script), "--max_steps", "1"], env=environment,
-                            capture_output=True, text=True, timeout=60, check=True)
+    result = subprocess.run(
+        ["bash", str(TRAIN_EXAMPLES / script), "--max_steps", "1"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     words = result.stdout.split()
     return words[words.index("slime_hf.train") + 1 :]
 
@@ -34,8 +40,10 @@ def script_arguments(script: str, **env: str) -> list[str]:
 @pytest.mark.parametrize(
     "script, env",
     [(name, {"FAMILY": family}) for name in STAGE_SCRIPTS for family in ("vicuna", "llama3")]
-    + [("stage3_finetune.sh", {"FAMILY": "llama3", "LORA": "1", "DEEPSPEED": "none"}),
-       ("finetune_release_lora_1gpu.sh", {"RELEASE": "r", "DATA_JSON": "d.json", "IMAGE_FOLDER": "i"})],
+    + [
+        ("stage3_finetune.sh", {"FAMILY": "llama3", "LORA": "1", "DEEPSPEED": "none"}),
+        ("finetune_release_lora_1gpu.sh", {"RELEASE": "r", "DATA_JSON": "d.json", "IMAGE_FOLDER": "i"}),
+    ],
 )
 def test_example_scripts_pass_only_known_flags(script, env):
     args = script_arguments(script, **env)
@@ -111,6 +119,13 @@ def test_lora_targets_only_the_language_model():
     matched = [name for name in names if re.fullmatch(lora_target_modules(model), name)]
     assert matched and all(name.startswith("model.language_model.layers.") for name in matched)
     assert {name.rsplit(".", 1)[1] for name in matched} == {
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     chosen = [name for name in names if re.fullmatch(lora_target_modules(model, ["q_proj", "v_proj"]), name)]
     assert len(chosen) == 2 * model.config.text_config.num_hidden_layers

@@ -31,8 +31,11 @@ ORIGINAL_IMAGE_ID = -200
 # frozen on purpose (stages.py docstring).
 DELIBERATELY_FROZEN = {
     "1a": {"model.global_adapter.gate_weight", "model.global_adapter.gate_noise_weight"},
-    "1b": {"model.global_adapter.gate_weight", "model.global_adapter.gate_noise_weight",
-           "model.global_adapter.attention_expert.position_table"},
+    "1b": {
+        "model.global_adapter.gate_weight",
+        "model.global_adapter.gate_noise_weight",
+        "model.global_adapter.attention_expert.position_table",
+    },
     "2": {"model.local_compressor.position_table"},
     "3": {"model.global_adapter.gate_noise_weight"},
 }
@@ -45,8 +48,10 @@ def stages_golden(variant: str) -> dict:
 
 @pytest.fixture(scope="module")
 def models():
-    return {v: SliMEForConditionalGeneration.from_pretrained(FIXTURES / v / "checkpoint", dtype=torch.float32)
-            for v in VARIANTS}
+    return {
+        v: SliMEForConditionalGeneration.from_pretrained(FIXTURES / v / "checkpoint", dtype=torch.float32)
+        for v in VARIANTS
+    }
 
 
 def golden_batch(model, variant: str, prefix: str) -> dict:
@@ -122,7 +127,10 @@ def test_stage_switches_are_saved_in_the_config(models):
     model = models["V"]
     prepare_model_for_stage(model, "3", router_top_p=0.7)
     assert (model.config.global_adapter_mode, model.config.use_global_only, model.config.use_local_only) == (
-        "mixture", False, False)
+        "mixture",
+        False,
+        False,
+    )
     assert model.config.router_top_p == 0.7 and model.model.global_adapter.mode == "mixture"
     prepare_model_for_stage(model, "1b")
     assert model.model.global_adapter.mode == "attention" and model.config.use_global_only
@@ -131,8 +139,15 @@ def test_stage_switches_are_saved_in_the_config(models):
 
 def test_optimizer_groups_adapter_lr_and_no_decay(models, tmp_path):
     model = stage_model(models, "L", "3")
-    args = SliMETrainingArguments(output_dir=str(tmp_path), stage="3", learning_rate=2e-5, adapter_lr=2e-6,
-                                  weight_decay=0.05, use_cpu=True, report_to="none")
+    args = SliMETrainingArguments(
+        output_dir=str(tmp_path),
+        stage="3",
+        learning_rate=2e-5,
+        adapter_lr=2e-6,
+        weight_decay=0.05,
+        use_cpu=True,
+        report_to="none",
+    )
     processor = SliMEProcessor.from_pretrained(FIXTURES / "L" / "checkpoint")
     trainer = SliMETrainer(model=model, args=args, data_collator=SliMEDataCollator(processor))
     optimizer = trainer.create_optimizer()
@@ -151,8 +166,12 @@ def test_optimizer_groups_adapter_lr_and_no_decay(models, tmp_path):
 def test_text_only_training_batch_reaches_every_trained_module(models):
     """A text-only batch in training runs a dummy image through the trained modules (zero contribution): every
     trained parameter gets a (zero) gradient, so DDP and ZeRO-3 see the same modules on every rank."""
-    data = SliMEDataset(json.loads((FIXTURES / "V" / "training" / "sft_samples.json").read_text())["samples"],
-                        IMAGE_FOLDER, SliMEProcessor.from_pretrained(FIXTURES / "V" / "checkpoint"), "vicuna_v1")
+    data = SliMEDataset(
+        json.loads((FIXTURES / "V" / "training" / "sft_samples.json").read_text())["samples"],
+        IMAGE_FOLDER,
+        SliMEProcessor.from_pretrained(FIXTURES / "V" / "checkpoint"),
+        "vicuna_v1",
+    )
     batch = SliMEDataCollator(data.processor)([data[2]])
     assert "pixel_values" not in batch
     for stage in STAGES:
@@ -166,8 +185,11 @@ def test_text_only_training_batch_reaches_every_trained_module(models):
         assert torch.equal(loss.detach(), eval_loss)
         missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
         assert not missing, (stage, missing)
-        adapters = [p.grad for n, p in model.named_parameters()
-                    if p.requires_grad and n.split(".")[1] in ("projector", "global_adapter", "local_compressor")]
+        adapters = [
+            p.grad
+            for n, p in model.named_parameters()
+            if p.requires_grad and n.split(".")[1] in ("projector", "global_adapter", "local_compressor")
+        ]
         assert adapters and all(not g.any() for g in adapters)
         model.zero_grad(set_to_none=True)
     model.eval()
@@ -193,8 +215,12 @@ def test_every_batch_calls_the_same_modules_in_the_same_order(models, stage):
     """Ranks of a ZeRO-3 run gather each module's parameters collectively when it is called: a text-only batch, a
     batch with one image row and a batch with two image rows must call the same modules in the same order."""
     processor = SliMEProcessor.from_pretrained(FIXTURES / "V" / "checkpoint")
-    data = SliMEDataset(json.loads((FIXTURES / "V" / "training" / "sft_samples.json").read_text())["samples"],
-                        IMAGE_FOLDER, processor, "vicuna_v1")
+    data = SliMEDataset(
+        json.loads((FIXTURES / "V" / "training" / "sft_samples.json").read_text())["samples"],
+        IMAGE_FOLDER,
+        processor,
+        "vicuna_v1",
+    )
     collate = SliMEDataCollator(processor)
     text_only, one_image, two_images = collate([data[2]]), collate([data[0], data[2]]), collate([data[0], data[1]])
     assert "pixel_values" not in text_only and two_images["pixel_values"].shape[0] == 2
@@ -218,9 +244,18 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
         model = SliMEForConditionalGeneration.from_pretrained(FIXTURES / "V" / "checkpoint", dtype=torch.float32)
         prepare_model_for_stage(model, "1a")
         args = SliMETrainingArguments(
-            output_dir=str(tmp_path / f"ga{accumulation}"), stage="1a", per_device_train_batch_size=batch_size,
-            gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=1e-3, use_cpu=True,
-            report_to="none", save_strategy="no", seed=0, disable_tqdm=True, lr_scheduler_type="constant",
+            output_dir=str(tmp_path / f"ga{accumulation}"),
+            stage="1a",
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            max_steps=1,
+            learning_rate=1e-3,
+            use_cpu=True,
+            report_to="none",
+            save_strategy="no",
+            seed=0,
+            disable_tqdm=True,
+            lr_scheduler_type="constant",
         )
         trainer = SliMETrainer(model=model, args=args, train_dataset=data, data_collator=SliMEDataCollator(processor))
         output = trainer.train()
@@ -228,5 +263,7 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     (loss_a, weights_a), (loss_b, weights_b) = results
     assert abs(loss_a - loss_b) <= 1e-5
     assert max((weights_a[k] - weights_b[k]).abs().max().item() for k in weights_a) <= 1e-6
-    assert any(not torch.equal(weights_a[k], w) for k, w in
-               SliMEForConditionalGeneration.from_pretrained(FIXTURES / "V" / "checkpoint").state_dict().items())
+    assert any(
+        not torch.equal(weights_a[k], w)
+        for k, w in SliMEForConditionalGeneration.from_pretrained(FIXTURES / "V" / "checkpoint").state_dict().items()
+    )

@@ -57,8 +57,10 @@ def run(model, batch: dict, limit: int | None):
 
 
 def test_rows_are_cut_at_the_end_after_routing(model, processor):
-    batch = collate(processor, [record("long", "<image>\nDescribe.", LONG_ANSWER),
-                                record("short", "<image>\nWhat is this?", "Stripes.")])
+    batch = collate(
+        processor,
+        [record("long", "<image>\nDescribe.", LONG_ANSWER), record("short", "<image>\nWhat is this?", "Stripes.")],
+    )
     full, full_inner = run(model, batch, None)
     lengths = full.attention_mask.sum(1)
     assert full.truncated_positions is None
@@ -88,13 +90,18 @@ def test_a_cut_inside_or_before_an_image_block_is_refused(model, processor):
     _, inner = run(model, batch, None)
     image_start = int((batch["input_ids"][0] == processor.image_token_id).nonzero()[0, 0])
     image_end = image_start + inner.image_token_budget[0]["total"]
-    with pytest.raises(ValueError, match=rf"row 0: .*training_max_length={image_end - 1} would fall inside "
-                                         rf"image 0 \(positions {image_start}-{image_end - 1}\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"row 0: .*training_max_length={image_end - 1} would fall inside "
+        rf"image 0 \(positions {image_start}-{image_end - 1}\)",
+    ):
         run(model, batch, image_end - 1)
     assert run(model, batch, image_end)[0].truncated_positions[0] > 0
 
-    two = collate(processor, [record("two", "<image>\n<image>\nDescribe.", "Stripes.",
-                                     image=["odd_337x211.png", "odd_337x211.png"])])
+    two = collate(
+        processor,
+        [record("two", "<image>\n<image>\nDescribe.", "Stripes.", image=["odd_337x211.png", "odd_337x211.png"])],
+    )
     assert two["pixel_values"].shape[0] == 2
     _, inner = run(model, two, None)
     second_index = int((two["input_ids"][0] == processor.image_token_id).nonzero()[1, 0])
@@ -126,8 +133,13 @@ def test_the_router_reads_the_text_up_to_the_limit(model, processor):
     model.config.training_max_length = limit
     try:
         with torch.no_grad():
-            routed = model.get_image_features(batch["pixel_values"], batch["image_sizes"], batch["input_ids"],
-                                               batch["attention_mask"], batch["labels"])
+            routed = model.get_image_features(
+                batch["pixel_values"],
+                batch["image_sizes"],
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["labels"],
+            )
     finally:
         model.config.training_max_length = None
     head = {key: batch[key][:, : limit + 1] for key in ("input_ids", "attention_mask", "labels")}
@@ -148,8 +160,17 @@ def test_the_trainer_counts_and_logs_the_cut_samples(processor, tmp_path, caplog
     data = SliMEDataset(records, IMAGE_FOLDER, processor, "plain", model_max_length=limit, model_config=model.config)
     assert len(data[0]["input_ids"]) == len(item["input_ids"])  # the data side does not cut: the model does
     args = SliMETrainingArguments(
-        output_dir=str(tmp_path / "out"), stage="1a", per_device_train_batch_size=1, max_steps=2, learning_rate=1e-3,
-        use_cpu=True, report_to="none", save_strategy="no", seed=0, disable_tqdm=True, logging_steps=1,
+        output_dir=str(tmp_path / "out"),
+        stage="1a",
+        per_device_train_batch_size=1,
+        max_steps=2,
+        learning_rate=1e-3,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+        logging_steps=1,
         model_max_length=limit,
     )
     trainer = SliMETrainer(model=model, args=args, train_dataset=data, data_collator=SliMEDataCollator(processor))
@@ -160,4 +181,3 @@ def test_the_trainer_counts_and_logs_the_cut_samples(processor, tmp_path, caplog
     assert trainer.num_truncated_samples == 2
     assert "cut at the end after routing" in caplog.text
     assert all(torch.isfinite(torch.tensor(entry["loss"])) for entry in trainer.state.log_history if "loss" in entry)
-

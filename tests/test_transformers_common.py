@@ -18,7 +18,6 @@ a bug in slime_hf/modeling_slime.py; they are expected failures only until that 
 from __future__ import annotations
 
 import copy
-import os
 import unittest
 
 import pytest
@@ -200,8 +199,11 @@ class SliMEModelTest(ModelTesterMixin, unittest.TestCase):
                             continue
                         if name.endswith("position_table"):
                             table_dtype = getattr(torch, config.position_table_dtype)
-                            expected = torch.float32 if any(re.search(rf"(?:^|\.){k}(?:\.|$)", name)
-                                                            for k in upcast) else table_dtype
+                            expected = (
+                                torch.float32
+                                if any(re.search(rf"(?:^|\.){k}(?:\.|$)", name) for k in upcast)
+                                else table_dtype
+                            )
                             self.assertIn(param.dtype, {expected, table_dtype}, name)
                         elif any(re.search(rf"(?:^|\.){k}(?:\.|$)", name) for k in upcast):
                             self.assertEqual(param.dtype, torch.float32, f"{name} not upcasted to fp32")
@@ -250,15 +252,23 @@ class SliMEProcessorTest(ProcessorTesterMixin, unittest.TestCase):
         return super().get_component(attribute, **kwargs)
 
     # -- SliME-specific incompatibilities ---------------------------------------------------------------------------
-    _NO_OFFSETS = ("the exact SentencePiece prompt path (Decision 4) encodes chunk by chunk and returns no offset "
-                   "mapping, which `return_assistant_tokens_mask` needs; SliME's training collator builds its labels")
-    _STRICT_KWARGS = ("passes video-sampling kwargs (num_frames, fps) to an image-only processor; SliMEProcessor "
-                      "refuses kwargs it cannot honour instead of dropping them (design rule: nothing silently dropped)")
-    _NEGATIVE_RESCALE = ("probes kwargs routing with rescale_factor=-1.0, which SliME's image processor refuses with a "
-                         "ValueError (Decision 8: bad input is refused); kwargs routing is tested in "
-                         "tests/test_image_processing.py and tests/test_processing.py")
-    _AUTO_MAP = ("save_pretrained writes `auto_map` for remote code (Decision 2), so the reloaded processor's dict "
-                 "carries `auto_map` where the in-memory one has none")
+    _NO_OFFSETS = (
+        "the exact SentencePiece prompt path (Decision 4) encodes chunk by chunk and returns no offset "
+        "mapping, which `return_assistant_tokens_mask` needs; SliME's training collator builds its labels"
+    )
+    _STRICT_KWARGS = (
+        "passes video-sampling kwargs (num_frames, fps) to an image-only processor; SliMEProcessor "
+        "refuses kwargs it cannot honour instead of dropping them (design rule: nothing silently dropped)"
+    )
+    _NEGATIVE_RESCALE = (
+        "probes kwargs routing with rescale_factor=-1.0, which SliME's image processor refuses with a "
+        "ValueError (Decision 8: bad input is refused); kwargs routing is tested in "
+        "tests/test_image_processing.py and tests/test_processing.py"
+    )
+    _AUTO_MAP = (
+        "save_pretrained writes `auto_map` for remote code (Decision 2), so the reloaded processor's dict "
+        "carries `auto_map` where the in-memory one has none"
+    )
 
     @unittest.skip(_NO_OFFSETS)
     def test_apply_chat_template_assistant_mask(self):

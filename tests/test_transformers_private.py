@@ -22,8 +22,14 @@ from slime_hf import SliMEForConditionalGeneration
 from slime_hf.image_processing_slime import _default_to_pil_backend
 
 
-PACKAGE_PREFIXES = ("model.vision_tower.", "model.projector.", "model.global_adapter.", "model.local_compressor.",
-                    "model.language_model.", "lm_head.")
+PACKAGE_PREFIXES = (
+    "model.vision_tower.",
+    "model.projector.",
+    "model.global_adapter.",
+    "model.local_compressor.",
+    "model.language_model.",
+    "lm_head.",
+)
 
 
 def _saved_names(folder) -> set[str]:

@@ -237,11 +237,24 @@ def test_collator_truncation_through_sft_config_max_length(processors):
     examples = _examples()[:1]
     collator = DataCollatorForVisionLanguageModeling(processor, max_length=8)
     with pytest.raises(ValueError, match="would drop"):
-        collator(copy.deepcopy([{"images": examples[0]["images"], "messages": [
-            {"role": "user", "content": "word " * 20}, {"role": "assistant", "content": "ok"}]}]))
+        collator(
+            copy.deepcopy(
+                [
+                    {
+                        "images": examples[0]["images"],
+                        "messages": [{"role": "user", "content": "word " * 20}, {"role": "assistant", "content": "ok"}],
+                    }
+                ]
+            )
+        )
     long_answer = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "word " * 200}]
-    limit = processor(text=processor.apply_chat_template([{"role": "user", "content": "<image>\nHi?"}]),
-                      images=examples[0]["images"])["input_ids"].shape[1] + 5
+    limit = (
+        processor(
+            text=processor.apply_chat_template([{"role": "user", "content": "<image>\nHi?"}]),
+            images=examples[0]["images"],
+        )["input_ids"].shape[1]
+        + 5
+    )
     batch = DataCollatorForVisionLanguageModeling(processor, max_length=limit)(
         [{"images": examples[0]["images"], "messages": long_answer}]
     )
@@ -254,8 +267,9 @@ def test_collator_truncation_through_sft_config_max_length(processors):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("empty", [{"videos": None}, {"videos": []}, {"audio": None}, {"audios": []},
-                                   {"videos": [[]], "audio": []}])
+@pytest.mark.parametrize(
+    "empty", [{"videos": None}, {"videos": []}, {"audio": None}, {"audios": []}, {"videos": [[]], "audio": []}]
+)
 def test_empty_videos_and_audio_are_accepted(processors, empty):
     processor = processors["V"]
     expected = processor(text="<image>\nWhat is it?", images=[_image(0)])

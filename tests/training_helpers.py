@@ -65,8 +65,17 @@ def run_train_cli(
         CUDA_VISIBLE_DEVICES="",
     )
     if nproc:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                   "--master_port", str(29500 + os.getpid() % 1000), "-m", "slime_hf.train"]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(29500 + os.getpid() % 1000),
+            "-m",
+            "slime_hf.train",
+        ]
     else:
         command = [sys.executable, "-m", "slime_hf.train"]
     result = subprocess.run(command + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

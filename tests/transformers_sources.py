@@ -91,8 +91,17 @@ def source_tree(version: str | None = None) -> Path:
         with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as work:
             work = Path(work)
             command = [
-                sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-                "--dest", str(work), f"transformers=={version}",
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "--dest",
+                str(work),
+                f"transformers=={version}",
             ]
             result = subprocess.run(command, capture_output=True, text=True)
             archives = sorted(work.glob("transformers-*.tar.gz"))
@@ -122,14 +131,12 @@ _STAND_INS = {
     # `ModelTesterMixin` inherits it; the export tests run torch.export, which SliME's data-dependent routing
     # (a Python-level top-p cut per image) does not support anyway.
     "exporters.test_export": (
-        "class ExportTesterMixin:\n"
-        "    \"\"\"Stand-in: tests/exporters/ is not in the source distribution.\"\"\"\n"
+        'class ExportTesterMixin:\n    """Stand-in: tests/exporters/ is not in the source distribution."""\n'
     ),
     # Only imported for `issubclass(..., GenerationTesterMixin)` checks; SliME's test class does not run the
     # generation mixin (see tests/test_transformers_common.py).
     "generation.test_utils": (
-        "class GenerationTesterMixin:\n"
-        "    \"\"\"Stand-in: tests/generation/ is not in the source distribution.\"\"\"\n"
+        'class GenerationTesterMixin:\n    """Stand-in: tests/generation/ is not in the source distribution."""\n'
     ),
     # Read only by `ConfigTester.check_config_arguments_init`, which returns early for composite configs (configs
     # with `sub_configs`, as SliMEConfig).

@@ -28,18 +28,41 @@ REFERENCE = {"encode_ms": 28.0, "prefill_ms": 73.0, "decode_tok_s": 43.0}
 def build_model(tiny: bool, dtype: torch.dtype, device: str) -> SliMEForConditionalGeneration:
     if tiny:
         config = SliMEConfig(
-            text_config={"model_type": "llama", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128,
-                         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4},
-            vision_config={"model_type": "clip_vision_model", "hidden_size": 128, "intermediate_size": 256,
-                           "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 336, "patch_size": 14},
-            image_token_id=1000, separator_token_id=10,
+            text_config={
+                "model_type": "llama",
+                "vocab_size": 1000,
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 4,
+            },
+            vision_config={
+                "model_type": "clip_vision_model",
+                "hidden_size": 128,
+                "intermediate_size": 256,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "image_size": 336,
+                "patch_size": 14,
+            },
+            image_token_id=1000,
+            separator_token_id=10,
         )
     else:  # Vicuna-7B (Llama-2 7B shapes) + CLIP-L/14-336, the release geometry
         config = SliMEConfig(
-            text_config={"model_type": "llama", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
-                         "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
-                         "max_position_embeddings": 4096},
-            image_token_id=32000, separator_token_id=1919,
+            text_config={
+                "model_type": "llama",
+                "vocab_size": 32000,
+                "hidden_size": 4096,
+                "intermediate_size": 11008,
+                "num_hidden_layers": 32,
+                "num_attention_heads": 32,
+                "num_key_value_heads": 32,
+                "max_position_embeddings": 4096,
+            },
+            image_token_id=32000,
+            separator_token_id=1919,
         )
     torch.manual_seed(0)
     with torch.device(device):
@@ -122,8 +145,10 @@ def run(args: argparse.Namespace) -> list[dict]:
             features_s, features = timed(lambda: inner.get_image_features(pixel_values, image_sizes, input_ids), device)
             assembled = inner.assemble_inputs(input_ids, None, features.image_features)
             embeds, mask, positions = assembled.inputs_embeds, assembled.attention_mask, assembled.position_ids
-            prefill_s, _ = timed(lambda: model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                                               logits_to_keep=1), device)
+            prefill_s, _ = timed(
+                lambda: model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, logits_to_keep=1),
+                device,
+            )
         for mode in args.modes:
             kwargs = dict(do_sample=False, min_new_tokens=args.new_tokens, max_new_tokens=args.new_tokens)
             if mode == "static+compile":
@@ -136,12 +161,20 @@ def run(args: argparse.Namespace) -> list[dict]:
                 model.forward = type(model).forward.__get__(model)
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
             decode_tok_s = batch / step_s if step_s > 0 else float("nan")  # nan: a single new token, no decode step
-            rows.append({
-                "batch": batch, "mode": mode, "processor_pil_ms": processor_ms["pil"],
-                "processor_torch_ms": processor_ms["torch"], "encode_ms": encode_s * 1000,
-                "image_path_ms": features_s * 1000, "prefill_ms": prefill_s * 1000, "first_token_ms": first_s * 1000,
-                "decode_tok_s": decode_tok_s, "peak_gib": peak,
-            })
+            rows.append(
+                {
+                    "batch": batch,
+                    "mode": mode,
+                    "processor_pil_ms": processor_ms["pil"],
+                    "processor_torch_ms": processor_ms["torch"],
+                    "encode_ms": encode_s * 1000,
+                    "image_path_ms": features_s * 1000,
+                    "prefill_ms": prefill_s * 1000,
+                    "first_token_ms": first_s * 1000,
+                    "decode_tok_s": decode_tok_s,
+                    "peak_gib": peak,
+                }
+            )
     return rows
 
 
@@ -157,22 +190,31 @@ def benchmark_parser(description: str) -> argparse.ArgumentParser:
 def main() -> None:
     parser = benchmark_parser(__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--modes", nargs="+", default=["dynamic", "static+compile"],
-                        choices=("dynamic", "static+compile"))
+    parser.add_argument(
+        "--modes", nargs="+", default=["dynamic", "static+compile"], choices=("dynamic", "static+compile")
+    )
     parser.add_argument("--new-tokens", type=int, default=64)
     args = parser.parse_args()
     rows = run(args)
-    print(f"device: {torch.cuda.get_device_name() if args.device.startswith('cuda') else args.device}, "
-          f"dtype {args.dtype}, {'tiny' if args.tiny else 'Vicuna-7B + CLIP-L/14-336'} shapes, image 1344x672")
-    print("| batch | cache | processor PIL / torch ms | encode ms | image path ms | prefill ms | first token ms | "
-          "decode tok/s | peak GiB |")
+    print(
+        f"device: {torch.cuda.get_device_name() if args.device.startswith('cuda') else args.device}, "
+        f"dtype {args.dtype}, {'tiny' if args.tiny else 'Vicuna-7B + CLIP-L/14-336'} shapes, image 1344x672"
+    )
+    print(
+        "| batch | cache | processor PIL / torch ms | encode ms | image path ms | prefill ms | first token ms | "
+        "decode tok/s | peak GiB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['batch']} | {r['mode']} | {r['processor_pil_ms']:.1f} / {r['processor_torch_ms']:.1f} | "
-              f"{r['encode_ms']:.1f} | {r['image_path_ms']:.1f} | {r['prefill_ms']:.1f} | {r['first_token_ms']:.1f} | "
-              f"{r['decode_tok_s']:.1f} | {r['peak_gib']:.2f} |")
-    print(f"| 1 | original (H100, reference) | - | {REFERENCE['encode_ms']:.0f} | - | "
-          f"{REFERENCE['prefill_ms']:.0f} | - | {REFERENCE['decode_tok_s']:.0f} | - |")
+        print(
+            f"| {r['batch']} | {r['mode']} | {r['processor_pil_ms']:.1f} / {r['processor_torch_ms']:.1f} | "
+            f"{r['encode_ms']:.1f} | {r['image_path_ms']:.1f} | {r['prefill_ms']:.1f} | {r['first_token_ms']:.1f} | "
+            f"{r['decode_tok_s']:.1f} | {r['peak_gib']:.2f} |"
+        )
+    print(
+        f"| 1 | original (H100, reference) | - | {REFERENCE['encode_ms']:.0f} | - | "
+        f"{REFERENCE['prefill_ms']:.0f} | - | {REFERENCE['decode_tok_s']:.0f} | - |"
+    )
 
 
 if __name__ == "__main__":

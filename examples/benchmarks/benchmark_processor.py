@@ -167,14 +167,16 @@ def print_kept_index_changes(fixtures: Path) -> None:
             ids = torch.tensor(json.loads(ids) if isinstance(ids, str) else ids)
             ids[ids == -200] = model.config.image_token_id
             with torch.no_grad():
-                kept = model.get_image_features(inputs["pixel_values"], inputs["image_sizes"], ids,
-                                                router_top_p=case["top_p"]).selected_indices
+                kept = model.get_image_features(
+                    inputs["pixel_values"], inputs["image_sizes"], ids, router_top_p=case["top_p"]
+                ).selected_indices
             for index, image in enumerate(case["images"]):
                 golden = image["selected_indices"]
                 golden = set(json.loads(golden) if isinstance(golden, str) else golden)
                 ours = set(kept[index].tolist())
-                print(f"{variant:<8}{case['name']:<16}{index:>6}{len(golden):>15}{len(ours):>21}"
-                      f"{len(golden ^ ours):>9}")
+                print(
+                    f"{variant:<8}{case['name']:<16}{index:>6}{len(golden):>15}{len(ours):>21}{len(golden ^ ours):>9}"
+                )
 
 
 if __name__ == "__main__":

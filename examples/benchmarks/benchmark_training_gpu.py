@@ -35,8 +35,14 @@ def make_batch(model, batch: int, text_length: int, device: str, dtype: torch.dt
     labels = input_ids.clone()
     labels[:, : text_length // 4] = -100  # the prompt; the rest is the answer
     labels[:, 5] = -100
-    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels, "use_cache": False,
-            "pixel_values": pixels["pixel_values"].to(device, dtype), "image_sizes": pixels["image_sizes"].to(device)}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "labels": labels,
+        "use_cache": False,
+        "pixel_values": pixels["pixel_values"].to(device, dtype),
+        "image_sizes": pixels["image_sizes"].to(device),
+    }
 
 
 def train_in_float32(model) -> None:
@@ -82,8 +88,13 @@ def time_steps(model, batch: dict, steps: int, checkpointing: bool, device: str)
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    return {"trainable_m": sum(p.numel() for p in trainable) / 1e6, "step_s": seconds,
-            "samples_s": batch["input_ids"].shape[0] / seconds, "peak_gib": peak, "length": length}
+    return {
+        "trainable_m": sum(p.numel() for p in trainable) / 1e6,
+        "step_s": seconds,
+        "samples_s": batch["input_ids"].shape[0] / seconds,
+        "peak_gib": peak,
+        "length": length,
+    }
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -95,14 +106,30 @@ def run(args: argparse.Namespace) -> list[dict]:
     freeze_for_stage(model, "3", train_language_model=False)
     train_in_float32(model)
     for checkpointing in (False, True):
-        rows.append({"mode": "adapters (LLM frozen)", "checkpointing": checkpointing,
-                     **time_steps(model, batch, args.steps, checkpointing, device)})
-    lora_args = SimpleNamespace(lora_r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.05,
-                                lora_target_module_names=None, stage="3", seed=0)
+        rows.append(
+            {
+                "mode": "adapters (LLM frozen)",
+                "checkpointing": checkpointing,
+                **time_steps(model, batch, args.steps, checkpointing, device),
+            }
+        )
+    lora_args = SimpleNamespace(
+        lora_r=args.lora_r,
+        lora_alpha=2 * args.lora_r,
+        lora_dropout=0.05,
+        lora_target_module_names=None,
+        stage="3",
+        seed=0,
+    )
     model = wrap_with_lora(model, lora_args)
     for checkpointing in (False, True):
-        rows.append({"mode": f"LoRA r {args.lora_r} + adapters", "checkpointing": checkpointing,
-                     **time_steps(model, batch, args.steps, checkpointing, device)})
+        rows.append(
+            {
+                "mode": f"LoRA r {args.lora_r} + adapters",
+                "checkpointing": checkpointing,
+                **time_steps(model, batch, args.steps, checkpointing, device),
+            }
+        )
     return rows
 
 
@@ -114,14 +141,18 @@ def main() -> None:
     parser.add_argument("--lora-r", type=int, default=128)
     args = parser.parse_args()
     rows = run(args)
-    print(f"device: {torch.cuda.get_device_name() if args.device.startswith('cuda') else args.device}, "
-          f"dtype {args.dtype} (trained weights float32), {'tiny' if args.tiny else 'Vicuna-7B + CLIP-L/14-336'} "
-          f"shapes, batch {args.batch} x (1344x672 image + {args.text_length} text tokens)")
+    print(
+        f"device: {torch.cuda.get_device_name() if args.device.startswith('cuda') else args.device}, "
+        f"dtype {args.dtype} (trained weights float32), {'tiny' if args.tiny else 'Vicuna-7B + CLIP-L/14-336'} "
+        f"shapes, batch {args.batch} x (1344x672 image + {args.text_length} text tokens)"
+    )
     print("| training | gradient checkpointing | assembled length | trainable M | s / step | samples/s | peak GiB |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['mode']} | {'on' if r['checkpointing'] else 'off'} | {r['length']} | {r['trainable_m']:.1f} | "
-              f"{r['step_s']:.3f} | {r['samples_s']:.2f} | {r['peak_gib']:.2f} |")
+        print(
+            f"| {r['mode']} | {'on' if r['checkpointing'] else 'off'} | {r['length']} | {r['trainable_m']:.1f} | "
+            f"{r['step_s']:.3f} | {r['samples_s']:.2f} | {r['peak_gib']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

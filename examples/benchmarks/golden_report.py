@@ -60,10 +60,19 @@ def main() -> None:
                 sizes = torch.tensor([[h, w] for w, h in case["image_sizes"]])
             with torch.no_grad():
                 out = model(input_ids=ids, pixel_values=pixel_values, image_sizes=sizes, router_top_p=case["top_p"])
-                features = (model.get_image_features(pixel_values, sizes, ids, router_top_p=case["top_p"])
-                            if case["images"] else None)
-            generated = model.generate(input_ids=ids, pixel_values=pixel_values, image_sizes=sizes,
-                                       router_top_p=case["top_p"], do_sample=False, max_new_tokens=24)
+                features = (
+                    model.get_image_features(pixel_values, sizes, ids, router_top_p=case["top_p"])
+                    if case["images"]
+                    else None
+                )
+            generated = model.generate(
+                input_ids=ids,
+                pixel_values=pixel_values,
+                image_sizes=sizes,
+                router_top_p=case["top_p"],
+                do_sample=False,
+                max_new_tokens=24,
+            )
             diffs = {"logits_last": (out.logits[:, -1] - tensor(case["logits_last_ref"])).abs().max().item()}
             if case.get("logits_text_ref"):
                 positions = tensor(case["logits_text_positions_ref"])
@@ -71,10 +80,12 @@ def main() -> None:
             same_indices = True
             for i, image in enumerate(case["images"]):
                 refs = _value(image["tensors"])
-                for name, ours in (("global_out", features.global_tokens[i]),
-                                   ("local_merged", features.local_tokens[i]),
-                                   ("router_scores", features.router_scores[i]),
-                                   ("image_features", features.image_features[i])):
+                for name, ours in (
+                    ("global_out", features.global_tokens[i]),
+                    ("local_merged", features.local_tokens[i]),
+                    ("router_scores", features.router_scores[i]),
+                    ("image_features", features.image_features[i]),
+                ):
                     if refs.get(name):
                         diff = (ours - tensor(refs[name])).abs().max().item()
                         diffs[name] = max(diffs.get(name, 0.0), diff)
@@ -82,17 +93,32 @@ def main() -> None:
             text_positions = ids.shape[1] - len(case["images"])
             kept = sum(b["local_kept"] for b in (out.image_token_budget or []))
             total_local = sum(b["local_total"] for b in (out.image_token_budget or []))
-            rows.append((variant, case["name"], text_positions, 577 * len(case["images"]), kept, total_local,
-                         out.logits.shape[1], same_indices,
-                         generated[0, ids.shape[1]:].tolist() == case["generated_new_ids"][0], diffs))
+            rows.append(
+                (
+                    variant,
+                    case["name"],
+                    text_positions,
+                    577 * len(case["images"]),
+                    kept,
+                    total_local,
+                    out.logits.shape[1],
+                    same_indices,
+                    generated[0, ids.shape[1] :].tolist() == case["generated_new_ids"][0],
+                    diffs,
+                )
+            )
 
-    print("| variant | case | text | global+sep | local kept / total | LLM positions | kept indices equal | "
-          "greedy equal | max abs diff |")
+    print(
+        "| variant | case | text | global+sep | local kept / total | LLM positions | kept indices equal | "
+        "greedy equal | max abs diff |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for variant, name, text, glob, kept, total, positions, same, greedy, diffs in rows:
         diff_text = ", ".join(f"{k} {v:.1e}" for k, v in diffs.items())
-        print(f"| {variant} | {name} | {text} | {glob} | {kept} / {total} | {positions} | {same} | {greedy} | "
-              f"{diff_text} |")
+        print(
+            f"| {variant} | {name} | {text} | {glob} | {kept} / {total} | {positions} | {same} | {greedy} | "
+            f"{diff_text} |"
+        )
 
 
 if __name__ == "__main__":

@@ -210,8 +210,11 @@ def lora_target_modules(model: SliMEForConditionalGeneration, names: list[str] |
     vision side): `names` (e.g. `["q_proj", "v_proj"]`), or every linear layer of the language model."""
     if names is None:
         names = sorted(
-            {name.rsplit(".", 1)[-1] for name, module in model.model.language_model.named_modules()
-             if isinstance(module, nn.Linear)}
+            {
+                name.rsplit(".", 1)[-1]
+                for name, module in model.model.language_model.named_modules()
+                if isinstance(module, nn.Linear)
+            }
         )
     if not names:
         raise ValueError("no linear layer found in the language model for LoRA")
@@ -257,8 +260,9 @@ def build_model_and_processor(model_args: Any, training_args: Any) -> tuple[Any,
             raise ValueError(f"--model_name_or_path {path} has no config.json: not a model folder")
         if os.path.isabs(path) or path.startswith((".", "~")):
             raise ValueError(f"--model_name_or_path {path}: no such folder")
-        raise ValueError(f"--model_name_or_path {path}: no such folder, and no model of that id on the Hub (or in "
-                         "its cache)")
+        raise ValueError(
+            f"--model_name_or_path {path}: no such folder, and no model of that id on the Hub (or in its cache)"
+        )
     if is_slime_checkpoint(path):
         load_kwargs = {"dtype": _torch_dtype(model_args.dtype)}
         if model_args.attn_implementation is not None:
@@ -274,8 +278,12 @@ def build_model_and_processor(model_args: Any, training_args: Any) -> tuple[Any,
                 "SliME checkpoint as --model_name_or_path"
             )
         model, processor = build_from_text_model(
-            path, model_args.vision_tower, model_args.dtype, model_args.attn_implementation,
-            deepspeed_config=getattr(training_args, "hf_deepspeed_config", None), seed=training_args.seed,
+            path,
+            model_args.vision_tower,
+            model_args.dtype,
+            model_args.attn_implementation,
+            deepspeed_config=getattr(training_args, "hf_deepspeed_config", None),
+            seed=training_args.seed,
         )
     if model_args.pretrained_adapters:
         from ..checkpoints import load_adapter_weights

@@ -151,8 +151,10 @@ def normalize_record(record: dict, index: int) -> Conversation:
     if len(images) == 1:
         # As the original's preprocess_multimodal: the placeholder moves to the start of its turn, then "\n".
         turns = [
-            (role, (IMAGE_TOKEN + "\n" + text.replace(IMAGE_TOKEN, "").strip()).strip() if IMAGE_TOKEN in text
-             else text)
+            (
+                role,
+                (IMAGE_TOKEN + "\n" + text.replace(IMAGE_TOKEN, "").strip()).strip() if IMAGE_TOKEN in text else text,
+            )
             for role, text in turns
         ]
     placeholders = sum(text.count(IMAGE_TOKEN) for _, text in turns)
@@ -445,9 +447,11 @@ class SliMEDataset(Dataset):
         if original is not None and original != labels:
             self.num_label_fixes += 1
             _log_count(
-                "label fixes", self.num_label_fixes,
+                "label fixes",
+                self.num_label_fixes,
                 f"{where}: labels derived from the tokens differ from the original's length arithmetic "
-                "(which would have masked the whole sample)" if all(x == IGNORE_INDEX for x in original)
+                "(which would have masked the whole sample)"
+                if all(x == IGNORE_INDEX for x in original)
                 else f"{where}: labels derived from the tokens differ from the original's length arithmetic",
             )
         item = {}
@@ -471,11 +475,16 @@ class SliMEDataset(Dataset):
         limit = self.model_max_length
         if len(ids) > limit:
             if self.processor.image_token_id in ids[limit:]:
-                raise SampleError(f"{where}: its text alone ({len(ids)} tokens) exceeds model_max_length={limit} "
-                                  "and the cut would remove an image")
+                raise SampleError(
+                    f"{where}: its text alone ({len(ids)} tokens) exceeds model_max_length={limit} "
+                    "and the cut would remove an image"
+                )
             self.num_truncated += 1
-            _log_count("truncated", self.num_truncated,
-                       f"{where}: text truncated at the end from {len(ids)} to model_max_length={limit} tokens")
+            _log_count(
+                "truncated",
+                self.num_truncated,
+                f"{where}: text truncated at the end from {len(ids)} to model_max_length={limit} tokens",
+            )
             ids, labels = ids[:limit], labels[:limit]
         image_positions = [i for i, token in enumerate(ids) if token == self.processor.image_token_id]
         bounds = [image_token_bound(self.model_config, n) for n in crops]

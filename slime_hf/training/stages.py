@@ -22,8 +22,10 @@ ADAPTER_MODULES = ("projector", "global_adapter", "local_compressor")
 # Parameters that never train: the vision tower, the resamplers' position tables and the gate's unused noise weight.
 _NEVER_TRAINED = re.compile(r"(^|\.)vision_tower\.|\.position_table$|\.gate_noise_weight$")
 # Wrappers (DDP, FSDP, activation checkpointing, peft) prefix parameter names; the package name follows them.
-_WRAPPER_PREFIX = re.compile(r"^(?:.*?\.)?(?=model\.(?:projector|global_adapter|local_compressor|language_model|"
-                             r"vision_tower)\.|lm_head\.)")
+_WRAPPER_PREFIX = re.compile(
+    r"^(?:.*?\.)?(?=model\.(?:projector|global_adapter|local_compressor|language_model|"
+    r"vision_tower)\.|lm_head\.)"
+)
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,10 @@ STAGES: dict[str, StagePreset] = {
         name="1b",
         description="global view, attention expert (captions, plain template)",
         config={
-            "global_adapter_mode": "attention", "use_global_only": True, "use_local_only": False, "router_top_p": 1.0,
+            "global_adapter_mode": "attention",
+            "use_global_only": True,
+            "use_local_only": False,
+            "router_top_p": 1.0,
         },
         trains=(r"model\.global_adapter\.attention_expert\.",),
     ),
@@ -77,7 +82,10 @@ STAGES: dict[str, StagePreset] = {
         name="2",
         description="local compressor, router top-p 1.0 (captions, plain template)",
         config={
-            "global_adapter_mode": "mixture", "use_global_only": False, "use_local_only": True, "router_top_p": 1.0,
+            "global_adapter_mode": "mixture",
+            "use_global_only": False,
+            "use_local_only": True,
+            "router_top_p": 1.0,
         },
         trains=(r"model\.local_compressor\.",),
     ),
@@ -85,7 +93,10 @@ STAGES: dict[str, StagePreset] = {
         name="3",
         description="full fine-tune: LLM, global adapter with gate, local compressor (chat template)",
         config={
-            "global_adapter_mode": "mixture", "use_global_only": False, "use_local_only": False, "router_top_p": 0.95,
+            "global_adapter_mode": "mixture",
+            "use_global_only": False,
+            "use_local_only": False,
+            "router_top_p": 0.95,
         },
         trains=(r"model\.(projector|global_adapter|local_compressor|language_model)\.", r"lm_head\."),
         saves_full_model=True,
@@ -170,9 +181,7 @@ def freeze_for_stage(model: nn.Module, stage: str | StagePreset, train_language_
     return trainable
 
 
-def prepare_model_for_stage(
-    model: nn.Module, stage: str | StagePreset, router_top_p: float | None = None
-) -> list[str]:
+def prepare_model_for_stage(model: nn.Module, stage: str | StagePreset, router_top_p: float | None = None) -> list[str]:
     """
     [`apply_stage_config`] then [`freeze_for_stage`] on a (not wrapped) SliME model.
 

@@ -53,8 +53,9 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> tuple[str | None,
     for _, path in sorted(steps, reverse=True):
         if is_complete_checkpoint(path):
             return path, skipped
-        skipped.append((path, f"its save did not finish (no {CHECKPOINT_COMPLETE_NAME}: the run was stopped while "
-                              "saving it)"))
+        skipped.append(
+            (path, f"its save did not finish (no {CHECKPOINT_COMPLETE_NAME}: the run was stopped while saving it)")
+        )
     return None, skipped
 
 
@@ -100,8 +101,9 @@ class SliMETrainer(Trainer):
         *args, **kwargs: as [`~transformers.Trainer`].
     """
 
-    def __init__(self, *args: Any, base_model: str | None = None, data_path: str | list[str] | None = None,
-                 **kwargs: Any):
+    def __init__(
+        self, *args: Any, base_model: str | None = None, data_path: str | list[str] | None = None, **kwargs: Any
+    ):
         super().__init__(*args, **kwargs)
         self.base_model = base_model
         self.data_path = data_path
@@ -130,8 +132,8 @@ class SliMETrainer(Trainer):
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
             opt_model = self.model if model is None else model
-            optimizer_cls, optimizer_kwargs = (
-                self.optimizer_cls_and_kwargs or self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs or self.get_optimizer_cls_and_kwargs(
+                self.args, opt_model
             )
             self.optimizer = optimizer_cls(self.parameter_groups(opt_model), **optimizer_kwargs)
         return self.optimizer
@@ -181,7 +183,8 @@ class SliMETrainer(Trainer):
     # -- saving -----------------------------------------------------------------------------------------------------
     def _trainable_package_names(self) -> set[str]:
         return {
-            package_parameter_name(name) for name, p in self.model.named_parameters()
+            package_parameter_name(name)
+            for name, p in self.model.named_parameters()
             if p.requires_grad and "lora_" not in name
         }
 
@@ -319,8 +322,12 @@ class SliMETrainer(Trainer):
         if self.args.should_save:
             with open(os.path.join(folder, CHECKPOINT_COMPLETE_NAME), "w", encoding="utf-8") as handle:
                 json.dump({"global_step": self.state.global_step}, handle)
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
 
     # -- resuming ---------------------------------------------------------------------------------------------------
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
