@@ -158,12 +158,23 @@ def main(argv: Sequence[str] | None = None, callbacks: list | None = None) -> Sl
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     trainer.save_model()
     trainer.save_state()
+    _leave_process_group(trainer)
     if dataset.num_truncated or dataset.num_skipped or dataset.num_label_fixes:
         logger.warning(
             f"data (main process): {dataset.num_truncated} samples truncated, {dataset.num_skipped} skipped, "
             f"{dataset.num_label_fixes} with labels that differ from the original's arithmetic"
         )
     return trainer
+
+
+def _leave_process_group(trainer) -> None:
+    """Ends a multi-process run cleanly: every process waits until the main one has written the final model, then the
+    process group is destroyed (a process that exits with gloo's worker threads still alive can abort at shutdown)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        trainer.accelerator.wait_for_everyone()
+        dist.destroy_process_group()
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
