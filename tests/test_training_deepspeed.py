@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import FIXTURES, PROJECT_ROOT
-from training_helpers import IMAGE_FOLDER, common_cli_args, make_two_process_workspace, run_train_cli
+from training_helpers import IMAGE_FOLDER, common_cli_args, make_two_process_workspace, run_train_cli, stage_1a_args
 
 
 pytest.importorskip("deepspeed")
@@ -40,19 +40,7 @@ def cpu_accelerator(monkeypatch):
 def stage_1a(workspace, fresh: bool = False) -> list[str]:
     """Stage 1a from the base LLM, with freshly initialised adapters or the fixture's."""
     given = [] if fresh else ["--pretrained_adapters", str(FIXTURES / "V" / "adapters")]
-    return [
-        "--stage",
-        "1a",
-        "--model_name_or_path",
-        str(workspace / "base_V"),
-        "--vision_tower",
-        str(FIXTURES / "V" / "clip"),
-        *given,
-        "--data_path",
-        str(workspace / "plain4.json"),
-        "--image_folder",
-        str(IMAGE_FOLDER),
-    ]
+    return stage_1a_args(workspace, *given)
 
 
 def stage_3(workspace) -> list[str]:

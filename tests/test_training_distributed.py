@@ -16,7 +16,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import FIXTURES, PROJECT_ROOT
-from training_helpers import IMAGE_FOLDER, common_cli_args, make_two_process_workspace, run_train_cli
+from training_helpers import IMAGE_FOLDER, common_cli_args, make_two_process_workspace, run_train_cli, stage_1a_args
 
 
 pytestmark = pytest.mark.slow
@@ -26,21 +26,6 @@ SEED = 7
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     return make_two_process_workspace(tmp_path_factory.mktemp("distributed"))
-
-
-def stage_1a_args(workspace) -> list[str]:
-    return [
-        "--stage",
-        "1a",
-        "--model_name_or_path",
-        str(workspace / "base_V"),
-        "--vision_tower",
-        str(FIXTURES / "V" / "clip"),
-        "--data_path",
-        str(workspace / "plain4.json"),
-        "--image_folder",
-        str(IMAGE_FOLDER),
-    ]
 
 
 def log_losses(output_dir) -> list[float]:

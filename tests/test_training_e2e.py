@@ -18,7 +18,7 @@ from slime_hf import SliMEForConditionalGeneration
 from slime_hf.checkpoints import ADAPTER_WEIGHTS_NAME, LoraAdapter, load_non_lora_trainables
 from slime_hf.training.build import build_from_text_model
 from slime_hf.training.trainer import CHECKPOINT_COMPLETE_NAME
-from training_helpers import IMAGE_FOLDER, common_cli_args, make_base_llm, run_train_cli, write_samples
+from training_helpers import IMAGE_FOLDER, common_cli_args, make_base_llm, run_train_cli, stage_1a_args, write_samples
 
 
 ADAPTERS = ("model.projector.", "model.global_adapter.", "model.local_compressor.")
@@ -272,18 +272,7 @@ main(sys.argv[1:])
 def test_run_killed_while_saving_resumes_from_the_last_complete_checkpoint_to_identical_weights(workspace):
     samples = json.loads((workspace / "plain.json").read_text())
     (workspace / "plain4.json").write_text(json.dumps(samples + [dict(samples[0], id="plain-3")]))
-    args = [
-        "--stage",
-        "1a",
-        "--model_name_or_path",
-        str(workspace / "base_V"),
-        "--vision_tower",
-        str(FIXTURES / "V" / "clip"),
-        "--data_path",
-        str(workspace / "plain4.json"),
-        "--image_folder",
-        str(IMAGE_FOLDER),
-    ]
+    args = stage_1a_args(workspace)
     options = {"max_steps": 6, "save_strategy": "steps", "save_steps": 2, "per_device_train_batch_size": 1}
     uninterrupted = workspace / "uninterrupted"
     run_train_cli(args + common_cli_args(uninterrupted, seed=SEED, **options), cwd=workspace)

@@ -83,6 +83,24 @@ def run_train_cli(
     return result
 
 
+def stage_1a_args(workspace: Path, *extra: str) -> list[str]:
+    """`python -m slime_hf.train` arguments for stage 1a from the workspace's base LLM and the V fixture's CLIP, on
+    the workspace's four plain samples (`extra` goes before the data arguments)."""
+    return [
+        "--stage",
+        "1a",
+        "--model_name_or_path",
+        str(workspace / "base_V"),
+        "--vision_tower",
+        str(FIXTURES / "V" / "clip"),
+        *extra,
+        "--data_path",
+        str(workspace / "plain4.json"),
+        "--image_folder",
+        str(IMAGE_FOLDER),
+    ]
+
+
 def common_cli_args(output_dir: Path, **overrides) -> list[str]:
     """TrainingArguments flags of a fast, deterministic CPU run."""
     args = {

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from transformers.utils import logging
 
 from ..image_processing_slime import get_slice_grid, load_image
-from ..processing_slime import CHAT_TEMPLATES, IMAGE_TOKEN, default_chat_template_name
+from ..processing_slime import CHAT_TEMPLATES, IMAGE_TOKEN, _common_prefix_length, default_chat_template_name
 
 
 logger = logging.get_logger(__name__)
@@ -233,15 +233,6 @@ def _end_marker(processor: Any, chat_template: str) -> str:
     messages = [{"role": "user", "content": "\ue0000\ue001"}, {"role": "assistant", "content": "\ue0001\ue001"}]
     rendered = processor.tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False)
     return rendered.split("\ue0001\ue001", 1)[1]
-
-
-def _common_prefix_length(a: list[int], b: list[int]) -> int:
-    length = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        length += 1
-    return length
 
 
 def tokenize_with_targets(rendered: RenderedConversation, processor: Any) -> tuple[list[int], list[int]]:
