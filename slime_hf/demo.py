@@ -260,16 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from transformers.utils import logging as hf_logging
 
+    from .command_line import run_reporting_errors
+
     hf_logging.disable_progress_bar()
-    try:
-        run(args)
-    except (ValueError, OSError) as error:
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_reporting_errors(run, args)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from typing import Any
 from transformers import HfArgumentParser, set_seed
 from transformers.utils import logging
 
+from .command_line import run_reporting_errors
 from .training.arguments import SliMEDataArguments, SliMEModelArguments, SliMETrainingArguments
 from .training.build import build_model_and_processor
 from .training.data import SliMEDataCollator, SliMEDataset, load_records
@@ -180,16 +181,7 @@ def _leave_process_group(trainer) -> None:
 def cli(argv: Sequence[str] | None = None) -> int:
     """`python -m slime_hf.train`: bad input (arguments, paths, data, a sample) ends with a one-line `error: ...` on
     stderr and exit status 2, without a traceback (`--log_level debug` logs it)."""
-    try:
-        main(argv)
-    except (ValueError, OSError) as error:
-        logger.debug("traceback of the error below", exc_info=True)
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_reporting_errors(main, argv)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,7 @@ The source distribution ships `tests/test_*.py` but not the sub-packages those m
 Where a file is absent, a minimal stand-in is registered (see `_STAND_INS`); where a later source distribution
 ships it, the real file is used.
 
-A failed download raises (the tests then fail loudly). `SLIME_SKIP_TRANSFORMERS_COMMON=1` is the one explicit
-opt-out: the caller (tests/test_transformers_common.py) then skips its tests with that reason.
+A failed download raises: the tests then fail loudly (there is no way to skip them).
 """
 
 from __future__ import annotations
@@ -38,11 +37,6 @@ import transformers
 
 PACKAGE = "transformers_common_tests"
 CACHE_ENV = "SLIME_TRANSFORMERS_SRC_CACHE"
-OPT_OUT_ENV = "SLIME_SKIP_TRANSFORMERS_COMMON"
-
-
-def opted_out() -> bool:
-    return os.environ.get(OPT_OUT_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
 def cache_root() -> Path:
@@ -109,8 +103,7 @@ def source_tree(version: str | None = None) -> Path:
                 raise RuntimeError(
                     f"could not download the source distribution of transformers=={version} "
                     f"(`{' '.join(command[2:])}` exited with {result.returncode}):\n{result.stdout}{result.stderr}\n"
-                    f"transformers' common tests need it (a registry must be reachable; set {OPT_OUT_ENV}=1 to "
-                    "skip them explicitly)."
+                    "transformers' common tests need it (the package registry must be reachable)."
                 )
             extracted = work / "extracted"
             _safe_extract(archives[0], extracted)
