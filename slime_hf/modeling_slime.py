@@ -1132,8 +1132,7 @@ class SliMEModel(SliMEPreTrainedModel):
         if num_placeholders != num_images:
             given = f"{num_images} images were given (pixel_values)" if num_images else "no pixel_values were given"
             raise ValueError(f"the prompts hold {num_placeholders} image placeholders but {given}")
-        if num_images:
-            self._check_image_inputs(pixel_values, image_sizes)
+        if num_images:  # the images themselves are checked by get_image_features, also before any encoding
             self._check_length_before_encoding(real, is_image)
         # The same calls with and without images, in the same order (ZeRO-3 gathers each module's parameters
         # collectively): the token embedding once, then the vision path (the dummy image for text-only training).
