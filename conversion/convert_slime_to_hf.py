@@ -56,11 +56,14 @@ from slime_hf.checkpoints import (
     ADAPTER_PARTS,
     ADAPTER_PREFIXES,
     ADAPTER_WEIGHTS_NAME,
+    ORIGINAL_MM_FIELDS,
     SAFETENSORS_DTYPES,
     LoraAdapter,
     WeightFile,
     checkpoint_weight_files,
+    config_from_original,
     detect_checkpoint_kind,
+    is_original_layout,
     load_adapter_weights,
     load_non_lora_trainables,
     read_json,
@@ -69,14 +72,7 @@ from slime_hf.checkpoints import (
     to_package_name,
 )
 from slime_hf.model_card import SliMERelease, find_release, match_release, save_model_card
-from slime_hf.modeling_slime import (
-    AUTO_MAP,
-    ORIGINAL_MM_FIELDS,
-    config_from_original,
-    copy_remote_code,
-    is_original_layout,
-    sincos_position_table,
-)
+from slime_hf.modeling_slime import AUTO_MAP, copy_remote_code, sincos_position_table
 
 
 logger = logging.getLogger("slime_hf.conversion")

@@ -1,9 +1,12 @@
 """Reading SliME checkpoints in every layout: the authors' full checkpoints, LoRA releases and stage-1/2 adapter
 files, and the package's stage checkpoints and LoRA outputs.
 
-Weight names are translated with the one table of `modeling_slime` (`rename_original_key`); this module only knows
-which files hold what. Pickled `.bin` files are read with `torch.load(weights_only=True)` (memory-mapped where the
-file allows it), so no code from a checkpoint is ever executed.
+This module is the one home of the authors' layout: the table of their weight names and its side rules (dropped
+buffers, the CLIP prefix), the translation of their `config.json` (misspelled `seperator` included), the separator
+rule, and the one reader of weight shards. [`SliMEForConditionalGeneration.from_pretrained`] hands a folder in the
+authors' layout to [`load_original_model`]; a saved or converted folder never takes that path. Pickled `.bin` files
+are read with `torch.load(weights_only=True)` (memory-mapped where the file allows it), so no code from a checkpoint
+is ever executed.
 """
 
 from __future__ import annotations
@@ -14,19 +17,23 @@ import math
 import os
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from transformers import CLIPVisionConfig
 
-from .configuration_slime import SliMEConfig
-from .modeling_slime import is_original_layout, rename_original_key
+from .configuration_slime import CLIP_VIT_L_336, SliMEConfig
 
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_WEIGHTS_NAME = "slime_adapters.safetensors"
 ADAPTER_PREFIXES = ("model.projector.", "model.global_adapter.", "model.local_compressor.")
+VISION_TOWER_PREFIX = "model.vision_tower."
+# A CLIP checkpoint's (and `CLIPVisionModel`'s) vision weights, full CLIP or vision-only.
+CLIP_VISION_PREFIX = "vision_model."
 # Names of the state dict of `SliMEForConditionalGeneration` (as saved: the vision tower under `vision_model.`).
-PACKAGE_PREFIXES = ("model.vision_tower.", "model.language_model.", "lm_head.") + ADAPTER_PREFIXES
+PACKAGE_PREFIXES = (VISION_TOWER_PREFIX, "model.language_model.", "lm_head.") + ADAPTER_PREFIXES
 CHECKPOINT_KINDS = ("full", "lora", "adapters", "stage")
 
 # The authors' stage-1/2 adapter files (llava/train/train.py, llava_trainer.py).
@@ -38,8 +45,6 @@ WEIGHT_INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.j
 WEIGHT_FILE_NAMES = ("model.safetensors", "pytorch_model.bin")
 # peft's prefix in front of the wrapped model's own names.
 PEFT_PREFIX = "base_model.model."
-# Non-persistent buffers that older transformers versions saved (Llama's rotary inverse frequencies).
-_STALE_BUFFERS = re.compile(r"\.rotary_emb\.inv_freq$")
 # Which package module each adapter name belongs to, for messages ("the global adapter is missing").
 ADAPTER_PARTS = {
     "model.projector.": "projector (MLP expert, `mm_projector.projection`)",
@@ -63,14 +68,92 @@ SAFETENSORS_DTYPES = {
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The ONE table of the authors' weight names (llava_llama layout) -> package names. Read at load time, never written.
+# ----------------------------------------------------------------------------------------------------------------
+_RESAMPLER_PARTS = {
+    "query": "queries",
+    "pos_embed": "position_table",
+    "attn.in_proj_weight": "attn.in_proj_weight",
+    "attn.in_proj_bias": "attn.in_proj_bias",
+    "attn.out_proj.weight": "attn.out_proj.weight",
+    "attn.out_proj.bias": "attn.out_proj.bias",
+    "ln_q.weight": "norm_queries.weight",
+    "ln_q.bias": "norm_queries.bias",
+    "ln_kv.weight": "norm_inputs.weight",
+    "ln_kv.bias": "norm_inputs.bias",
+    "ln_post.weight": "norm_output.weight",
+    "ln_post.bias": "norm_output.bias",
+}
+ORIGINAL_TO_PACKAGE_NAMES: dict[str, str] = {
+    "model.mm_projector.projection.0.weight": "model.projector.linear_1.weight",
+    "model.mm_projector.projection.0.bias": "model.projector.linear_1.bias",
+    "model.mm_projector.projection.2.weight": "model.projector.linear_2.weight",
+    "model.mm_projector.projection.2.bias": "model.projector.linear_2.bias",
+    "model.mm_projector.w_gate": "model.global_adapter.gate_weight",
+    "model.mm_projector.w_noise": "model.global_adapter.gate_noise_weight",
+    **{
+        f"model.mm_projector.attn.{k}": f"model.global_adapter.attention_expert.{v}"
+        for k, v in _RESAMPLER_PARTS.items()
+    },
+    **{f"model.sampler.post_qformer.{k}": f"model.local_compressor.{v}" for k, v in _RESAMPLER_PARTS.items()},
+}
+ORIGINAL_TO_PACKAGE_PREFIXES: tuple[tuple[str, str], ...] = (
+    # The authors' CLIP wrapper holds a `CLIPVisionModel` as `vision_tower`: its names continue with `vision_model.`.
+    ("model.vision_tower.vision_tower.", VISION_TOWER_PREFIX),
+    ("model.embed_tokens.", "model.language_model.embed_tokens."),
+    ("model.layers.", "model.language_model.layers."),
+    ("model.norm.", "model.language_model.norm."),
+    ("lm_head.", "lm_head."),
+)
+# Tensors deliberately dropped, in every layout: the original's dead gate buffers (only used by discarded
+# load-balancing code), and the non-persistent buffers older transformers versions saved (CLIP's position ids,
+# Llama's rotary inverse frequencies).
+DROPPED_NAMES = re.compile(r"^model\.mm_projector\.(mean|std)$|(^|\.)embeddings\.position_ids$|\.rotary_emb\.inv_freq$")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Names
 # ----------------------------------------------------------------------------------------------------------------
+def rename_original_key(key: str) -> str | None:
+    """
+    Maps one weight name of the authors' `llava_llama` layout to the package's name.
+
+    Args:
+        key (`str`): a full name of a `LlavaLlamaForCausalLM` state dict (`model.*`, `lm_head.*`), without peft's
+            `base_model.model.` prefix.
+
+    Returns:
+        `str` or `None`: the package name; `None` for a tensor deliberately dropped (`DROPPED_NAMES`).
+
+    Raises:
+        `KeyError`: a name the table does not know.
+    """
+    if DROPPED_NAMES.search(key):
+        return None
+    if key in ORIGINAL_TO_PACKAGE_NAMES:
+        return ORIGINAL_TO_PACKAGE_NAMES[key]
+    for old, new in ORIGINAL_TO_PACKAGE_PREFIXES:
+        if key.startswith(old):
+            return new + key[len(old) :]
+    raise KeyError(f"unknown weight name in the authors' layout: {key!r}")
+
+
+def rename_original_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Renames a whole state dict of the authors' layout with [`rename_original_key`], dropping the dead buffers."""
+    renamed = {}
+    for key, tensor in state_dict.items():
+        new_key = rename_original_key(key)
+        if new_key is not None:
+            renamed[new_key] = tensor
+    return renamed
+
+
 def to_package_name(key: str) -> str | None:
     """
     The package's name of one weight name of any SliME layout.
 
     Names of the authors' layout (and of a plain Llama checkpoint: `model.layers.*`, `lm_head.*`) are renamed with
-    the table of `modeling_slime`; names already in the package's layout pass through. `None` means the tensor is
+    [`rename_original_key`]; names already in the package's layout pass through. `None` means the tensor is
     deliberately dropped (the original's dead `mean`/`std` buffers, stale position-id and rotary buffers).
 
     Args:
@@ -82,14 +165,28 @@ def to_package_name(key: str) -> str | None:
     Raises:
         `KeyError`: the name belongs to no known layout.
     """
-    if _STALE_BUFFERS.search(key):
-        return None
     try:
         return rename_original_key(key)
     except KeyError:
         if key.startswith(PACKAGE_PREFIXES):
             return key
         raise
+
+
+def vision_tower_name(key: str) -> str | None:
+    """
+    The package's name of one weight of a CLIP checkpoint (full CLIP or vision-only, as `CLIPVisionModel` names
+    them), or `None` for the text half of a full CLIP and the dropped position-id buffer.
+    """
+    if not key.startswith(CLIP_VISION_PREFIX) or DROPPED_NAMES.search(key):
+        return None
+    return VISION_TOWER_PREFIX + key
+
+
+def in_memory_name(name: str) -> str:
+    """A package name as `SliMEForConditionalGeneration.state_dict()` has it in memory: transformers saves the
+    vision tower's weights under `vision_model.` and strips that prefix when it loads them."""
+    return name.replace(VISION_TOWER_PREFIX + CLIP_VISION_PREFIX, VISION_TOWER_PREFIX, 1)
 
 
 def strip_peft_prefix(key: str) -> str:
@@ -125,6 +222,188 @@ def _rename_all(
             + (" ..." if len(unknown) > 12 else "")
         )
     return renamed
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config of the authors' layout -> SliMEConfig
+# ----------------------------------------------------------------------------------------------------------------
+KNOWN_VISION_TOWERS = {
+    "openai/clip-vit-large-patch14-336": CLIP_VIT_L_336,
+}
+# The multimodal and training fields of the authors' `config.json`; every other field is the language model's.
+ORIGINAL_MM_FIELDS = (
+    "mm_vision_tower",
+    "mm_hidden_size",
+    "mm_vision_select_layer",
+    "mm_vision_select_feature",
+    "mm_projector_type",
+    "mm_learnable_gated",
+    "mm_resampler_type",
+    "mm_resampler_dim",
+    "mm_resampler_topp",
+    "mm_resampler_temp",
+    "seperator",
+    "use_global_only",
+    "use_local_only",
+    "mm_patch_merge_type",
+    "image_aspect_ratio",
+    "image_grid_pinpoints",
+    "tokenizer_padding_side",
+    "tokenizer_model_max_length",
+    "use_mm_proj",
+    "tune_mm_mlp_adapter",
+    "freeze_mm_mlp_adapter",
+    "mm_use_im_start_end",
+    "mm_use_im_patch_token",
+    "mm_projector_lr",
+    "architectures",
+    "model_type",
+    "_name_or_path",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "vision_tower",
+    "mm_vision_tower_lr",
+    "unfreeze_mm_vision_tower",
+)
+# Fields of `config.json` that describe a file rather than the model.
+CONFIG_BOOKKEEPING_FIELDS = (
+    "architectures",
+    "model_type",
+    "_name_or_path",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+)
+# The authors' field -> (`SliMEConfig` field, the original's default). `seperator` is the original's spelling.
+ORIGINAL_CONFIG_NAMES = {
+    "mm_vision_select_layer": ("vision_feature_layer", -2),
+    "mm_resampler_dim": ("local_compressor_num_queries", 144),
+    "mm_resampler_topp": ("router_top_p", 0.95),
+    "mm_resampler_temp": ("router_temperature", 1.0),
+    "seperator": ("separator_token_id", 1919),
+}
+# Settings the releases never change: any other value is a model this package does not implement.
+ORIGINAL_FIXED_FIELDS = {
+    "mm_projector_type": "gated",
+    "mm_resampler_type": "cosine",
+    "mm_patch_merge_type": "spatial",
+    "mm_vision_select_feature": "patch",
+    "image_aspect_ratio": "anyres",
+}
+_GATED_MODES = {-1: "mixture", 0: "mlp", 1: "attention"}
+
+
+def is_original_layout(config_dict: dict) -> bool:
+    """Whether a `config.json` dict is the authors' `llava_llama` layout."""
+    return config_dict.get("model_type") == "llava_llama" or "mm_vision_tower" in config_dict
+
+
+def separator_token_id(processor: Any) -> int:
+    """
+    The separator id the original sets: the last id of `tokenizer(',')` (stored under the misspelled `seperator`).
+
+    Args:
+        processor ([`SliMEProcessor`]): the model's processor; its exact tokenization of `","` is used.
+    """
+    return processor.tokenize_prompt(",")[-1]
+
+
+def resolve_vision_config(vision_tower: str, checkpoint_dir: str | None = None) -> tuple[CLIPVisionConfig, str | None]:
+    """
+    Resolves `mm_vision_tower` to a CLIP vision config and, when local, the directory holding its weights.
+
+    Order: a local directory (absolute, or relative to the checkpoint's directory), the known OpenAI CLIP ids
+    (built-in configs; the CLIP weights are inside every release), then the Hub.
+
+    Raises:
+        `ValueError`: none of these resolves.
+    """
+    candidates = [vision_tower]
+    if checkpoint_dir is not None and not os.path.isabs(vision_tower):
+        candidates.insert(0, os.path.join(checkpoint_dir, vision_tower))
+    for candidate in candidates:
+        if os.path.isdir(candidate):
+            return CLIPVisionConfig.from_pretrained(candidate), candidate
+    if vision_tower in KNOWN_VISION_TOWERS:
+        return CLIPVisionConfig(**KNOWN_VISION_TOWERS[vision_tower]), None
+    try:
+        return CLIPVisionConfig.from_pretrained(vision_tower), None
+    except Exception as error:  # noqa: BLE001 - re-raised with the context a user needs
+        raise ValueError(
+            f"cannot resolve the vision tower {vision_tower!r}: not a local directory (also tried relative to "
+            f"{checkpoint_dir!r}), not a known CLIP id ({sorted(KNOWN_VISION_TOWERS)}), and the Hub failed: {error}"
+        ) from error
+
+
+def _check_original_fields(config_dict: dict) -> None:
+    for name, allowed in ORIGINAL_FIXED_FIELDS.items():
+        value = config_dict.get(name, allowed)
+        if value != allowed:
+            raise ValueError(f"this checkpoint has {name}={value!r}; SliME releases use {allowed!r}")
+    if config_dict.get("mm_use_im_start_end"):
+        raise ValueError("this checkpoint uses mm_use_im_start_end=True, which SliME releases never do")
+
+
+def config_from_original(
+    config_dict: dict,
+    checkpoint_dir: str | None = None,
+    vision_tower: str | None = None,
+    separator_token_id: int | None = None,
+) -> tuple[SliMEConfig, str | None]:
+    """
+    Translates a `llava_llama` config dict of the authors' code into a [`SliMEConfig`].
+
+    Args:
+        config_dict (`dict`): the authors' `config.json`, or a language model's config with the authors'
+            multimodal fields (`ORIGINAL_MM_FIELDS`) added.
+        checkpoint_dir (`str`, *optional*): where a relative `mm_vision_tower` is looked up first.
+        vision_tower (`str`, *optional*): replaces the config's `mm_vision_tower` (a CLIP folder or id).
+        separator_token_id (`int`, *optional*): used where the config has no `seperator`.
+
+    Returns:
+        `(SliMEConfig, str | None)`: the config and the local vision tower directory (if the vision tower resolved
+        to one).
+
+    Raises:
+        `ValueError`: settings SliME releases never use, no vision tower, or a mismatched `mm_hidden_size`.
+    """
+    _check_original_fields(config_dict)
+    vision_tower = vision_tower or config_dict.get("mm_vision_tower")
+    if vision_tower is None:
+        raise ValueError("this config has no `mm_vision_tower`: it is not a SliME checkpoint in the authors' layout")
+    vision_config, vision_dir = resolve_vision_config(vision_tower, checkpoint_dir)
+    if config_dict.get("mm_hidden_size", vision_config.hidden_size) != vision_config.hidden_size:
+        raise ValueError(
+            f"mm_hidden_size={config_dict['mm_hidden_size']} does not match the vision tower's hidden size "
+            f"{vision_config.hidden_size}"
+        )
+    text_fields = {k: v for k, v in config_dict.items() if k not in ORIGINAL_MM_FIELDS}
+    text_fields.pop("pad_token_id", None)
+    text_config = {"model_type": "llama", **text_fields, "pad_token_id": config_dict.get("pad_token_id")}
+    gated = int(config_dict.get("mm_learnable_gated", -1))
+    if gated not in _GATED_MODES:
+        raise ValueError(f"mm_learnable_gated must be -1, 0 or 1, got {gated}")
+    fields = {new: config_dict.get(old, default) for old, (new, default) in ORIGINAL_CONFIG_NAMES.items()}
+    if "seperator" not in config_dict and separator_token_id is not None:
+        fields["separator_token_id"] = separator_token_id
+    if "image_grid_pinpoints" in config_dict:
+        fields["image_grid_pinpoints"] = config_dict["image_grid_pinpoints"]
+    config = SliMEConfig(
+        text_config=text_config,
+        vision_config=vision_config.to_dict(),
+        image_token_id=config_dict["vocab_size"],
+        global_adapter_mode=_GATED_MODES[gated],
+        position_table_dtype="float16",
+        use_global_only=bool(config_dict.get("use_global_only", False)),
+        use_local_only=bool(config_dict.get("use_local_only", False)),
+        tie_word_embeddings=config_dict.get("tie_word_embeddings", False),
+        pad_token_id=config_dict.get("pad_token_id"),
+        bos_token_id=config_dict.get("bos_token_id"),
+        eos_token_id=config_dict.get("eos_token_id"),
+        **fields,
+    )
+    return config, vision_dir
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -311,6 +590,72 @@ def _check_slime_config(folder: str) -> dict:
             f"'llava_llama' with mm_vision_tower, or 'slime'){hint}"
         )
     return config_dict
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading a full checkpoint in the authors' layout
+# ----------------------------------------------------------------------------------------------------------------
+def load_original_state_dict(checkpoint_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """
+    Reads every weight shard of a checkpoint in the authors' layout, in package names.
+
+    Raises:
+        `ValueError`: no weights, a missing or unreadable shard, or names of no SliME layout (listed).
+    """
+    state_dict: dict[str, torch.Tensor] = {}
+    for path in checkpoint_weight_files(checkpoint_dir):
+        with WeightFile(path) as weights:
+            state_dict.update(_rename_all(weights.read_all(), path, PACKAGE_PREFIXES, what="weights of a SliME model"))
+    return state_dict
+
+
+def load_vision_tower_weights(vision_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Reads a local CLIP checkpoint (full CLIP or vision-only) as `model.vision_tower.*` weights."""
+    state_dict: dict[str, torch.Tensor] = {}
+    for path in checkpoint_weight_files(vision_dir):
+        with WeightFile(path) as weights:
+            for key in weights.keys():
+                name = vision_tower_name(key)
+                if name is not None:
+                    state_dict[name] = weights.get(key)
+    if not state_dict:
+        raise ValueError(f"{vision_dir} holds no CLIP vision weights (names starting with {CLIP_VISION_PREFIX!r})")
+    return state_dict
+
+
+def load_original_model(model_class: type, folder: str | os.PathLike, *model_args, **kwargs) -> Any:
+    """
+    Loads a full checkpoint in the authors' `llava_llama` layout as `model_class` (a
+    [`SliMEForConditionalGeneration`], of the package or of a saved repo's code): config translated, weights
+    renamed; the CLIP weights are taken from inside the checkpoint, else from the resolved `mm_vision_tower`.
+
+    Args:
+        model_class (`type`): the class to build (its `from_pretrained(None, config=..., state_dict=...)` is used).
+        folder (`str` or `os.PathLike`): the checkpoint folder.
+        model_args, kwargs: passed on to `from_pretrained` (`dtype`, `device_map`, `attn_implementation`, ...).
+
+    Raises:
+        `ValueError`: the folder is not a SliME checkpoint, or its weights or vision tower cannot be read.
+    """
+    folder = os.fspath(folder)
+    config_dict = read_slime_config(folder)
+    if not is_original_layout(config_dict):
+        raise ValueError(f"{folder} is a saved SliME model, not a checkpoint in the authors' layout")
+    config, vision_dir = config_from_original(config_dict, folder)
+    state_dict = load_original_state_dict(folder)
+    if not any(k.startswith(VISION_TOWER_PREFIX) for k in state_dict):
+        if vision_dir is None:
+            raise ValueError(
+                f"{folder} holds no vision tower weights and its mm_vision_tower is not a local directory; convert "
+                "it with --vision-tower"
+            )
+        state_dict.update(load_vision_tower_weights(vision_dir))
+    kwargs.pop("trust_remote_code", None)
+    if "attn_implementation" in kwargs:
+        config._attn_implementation = kwargs["attn_implementation"]
+    model = model_class.from_pretrained(None, *model_args, config=config, state_dict=state_dict, **kwargs)
+    model.name_or_path = folder
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -654,13 +999,25 @@ __all__ = [
     "ADAPTER_PREFIXES",
     "ADAPTER_WEIGHTS_NAME",
     "CHECKPOINT_KINDS",
+    "ORIGINAL_MM_FIELDS",
+    "ORIGINAL_TO_PACKAGE_NAMES",
     "LoraAdapter",
     "WeightFile",
     "adapter_parts",
     "checkpoint_weight_files",
+    "config_from_original",
     "detect_checkpoint_kind",
+    "is_original_layout",
     "load_adapter_weights",
     "load_non_lora_trainables",
+    "load_original_model",
+    "load_original_state_dict",
+    "load_vision_tower_weights",
+    "rename_original_key",
+    "rename_original_state_dict",
+    "resolve_vision_config",
     "save_adapter_weights",
+    "separator_token_id",
     "to_package_name",
+    "vision_tower_name",
 ]

@@ -40,6 +40,7 @@ def build_demo_model(output_dir: str | os.PathLike | None = None, force: bool = 
     import torch
     from transformers import AutoTokenizer
 
+    from .checkpoints import separator_token_id
     from .configuration_slime import SliMEConfig
     from .image_processing_slime import SliMEImageProcessorPil
     from .modeling_slime import SliMEForConditionalGeneration
@@ -77,7 +78,7 @@ def build_demo_model(output_dir: str | os.PathLike | None = None, force: bool = 
             "hidden_act": "quick_gelu",
         },
         image_token_id=processor.image_token_id,
-        separator_token_id=tokenizer(",", add_special_tokens=False).input_ids[-1],
+        separator_token_id=separator_token_id(processor),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

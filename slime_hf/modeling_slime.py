@@ -14,266 +14,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, CLIPVisionConfig, GenerationMixin, LogitsProcessorList, PreTrainedModel
+from transformers import AutoModel, GenerationMixin, LogitsProcessorList, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.utils import ModelOutput, logging
 
-from .configuration_slime import CLIP_VIT_L_336, SliMEConfig
+from .configuration_slime import SliMEConfig
 from .image_processing_slime import IMAGE_PROCESSOR_AUTO_MAP, get_slice_grid
 
 
 logger = logging.get_logger(__name__)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The ONE table of the authors' weight names (llava_llama layout) -> package names. Read at load time, never written.
-# ----------------------------------------------------------------------------------------------------------------
-_RESAMPLER_PARTS = {
-    "query": "queries",
-    "pos_embed": "position_table",
-    "attn.in_proj_weight": "attn.in_proj_weight",
-    "attn.in_proj_bias": "attn.in_proj_bias",
-    "attn.out_proj.weight": "attn.out_proj.weight",
-    "attn.out_proj.bias": "attn.out_proj.bias",
-    "ln_q.weight": "norm_queries.weight",
-    "ln_q.bias": "norm_queries.bias",
-    "ln_kv.weight": "norm_inputs.weight",
-    "ln_kv.bias": "norm_inputs.bias",
-    "ln_post.weight": "norm_output.weight",
-    "ln_post.bias": "norm_output.bias",
-}
-ORIGINAL_TO_PACKAGE_NAMES: dict[str, str] = {
-    "model.mm_projector.projection.0.weight": "model.projector.linear_1.weight",
-    "model.mm_projector.projection.0.bias": "model.projector.linear_1.bias",
-    "model.mm_projector.projection.2.weight": "model.projector.linear_2.weight",
-    "model.mm_projector.projection.2.bias": "model.projector.linear_2.bias",
-    "model.mm_projector.w_gate": "model.global_adapter.gate_weight",
-    "model.mm_projector.w_noise": "model.global_adapter.gate_noise_weight",
-    **{
-        f"model.mm_projector.attn.{k}": f"model.global_adapter.attention_expert.{v}"
-        for k, v in _RESAMPLER_PARTS.items()
-    },
-    **{f"model.sampler.post_qformer.{k}": f"model.local_compressor.{v}" for k, v in _RESAMPLER_PARTS.items()},
-}
-ORIGINAL_TO_PACKAGE_PREFIXES: tuple[tuple[str, str], ...] = (
-    ("model.vision_tower.vision_tower.", "model.vision_tower."),
-    ("model.embed_tokens.", "model.language_model.embed_tokens."),
-    ("model.layers.", "model.language_model.layers."),
-    ("model.norm.", "model.language_model.norm."),
-    ("lm_head.", "lm_head."),
-)
-# The original's dead gate buffers (only used by discarded load-balancing code) and old CLIP position-id buffers.
-ORIGINAL_DROPPED_NAMES = re.compile(r"^model\.mm_projector\.(mean|std)$|\.embeddings\.position_ids$")
-
-
-def rename_original_key(key: str) -> str | None:
-    """Maps one weight name of the authors' `llava_llama` layout to the package's name (`None`: dropped).
-
-    Takes the full names of a `LlavaLlamaForCausalLM` state dict (`model.*`, `lm_head.*`); peft's
-    `base_model.model.` prefix is the caller's business. Raises `KeyError` for a name the table does not know.
-    """
-    if ORIGINAL_DROPPED_NAMES.search(key):
-        return None
-    if key in ORIGINAL_TO_PACKAGE_NAMES:
-        return ORIGINAL_TO_PACKAGE_NAMES[key]
-    for old, new in ORIGINAL_TO_PACKAGE_PREFIXES:
-        if key.startswith(old):
-            return new + key[len(old) :]
-    raise KeyError(f"unknown weight name in the authors' layout: {key!r}")
-
-
-def rename_original_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Renames a whole state dict of the authors' layout, dropping the dead buffers."""
-    renamed = {}
-    for key, tensor in state_dict.items():
-        new_key = rename_original_key(key)
-        if new_key is not None:
-            renamed[new_key] = tensor
-    return renamed
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Config of the authors' layout -> SliMEConfig
-# ----------------------------------------------------------------------------------------------------------------
-KNOWN_VISION_TOWERS = {
-    "openai/clip-vit-large-patch14-336": CLIP_VIT_L_336,
-}
-ORIGINAL_MM_FIELDS = (
-    "mm_vision_tower",
-    "mm_hidden_size",
-    "mm_vision_select_layer",
-    "mm_vision_select_feature",
-    "mm_projector_type",
-    "mm_learnable_gated",
-    "mm_resampler_type",
-    "mm_resampler_dim",
-    "mm_resampler_topp",
-    "mm_resampler_temp",
-    "seperator",
-    "use_global_only",
-    "use_local_only",
-    "mm_patch_merge_type",
-    "image_aspect_ratio",
-    "image_grid_pinpoints",
-    "tokenizer_padding_side",
-    "tokenizer_model_max_length",
-    "use_mm_proj",
-    "tune_mm_mlp_adapter",
-    "freeze_mm_mlp_adapter",
-    "mm_use_im_start_end",
-    "mm_use_im_patch_token",
-    "mm_projector_lr",
-    "architectures",
-    "model_type",
-    "_name_or_path",
-    "transformers_version",
-    "torch_dtype",
-    "dtype",
-    "vision_tower",
-    "mm_vision_tower_lr",
-    "unfreeze_mm_vision_tower",
-)
-_GATED_MODES = {-1: "mixture", 0: "mlp", 1: "attention"}
-
-
-def is_original_layout(config_dict: dict) -> bool:
-    """Whether a `config.json` dict is the authors' `llava_llama` layout."""
-    return config_dict.get("model_type") == "llava_llama" or "mm_vision_tower" in config_dict
-
-
-def resolve_vision_config(vision_tower: str, checkpoint_dir: str | None = None) -> tuple[CLIPVisionConfig, str | None]:
-    """Resolves `mm_vision_tower` to a CLIP vision config and, when local, the directory holding its weights.
-
-    Order: a local directory (absolute, or relative to the checkpoint's directory), the known OpenAI CLIP ids
-    (built-in configs; the CLIP weights are inside every release), then the Hub.
-    """
-    candidates = [vision_tower]
-    if checkpoint_dir is not None and not os.path.isabs(vision_tower):
-        candidates.insert(0, os.path.join(checkpoint_dir, vision_tower))
-    for candidate in candidates:
-        if os.path.isdir(candidate):
-            return CLIPVisionConfig.from_pretrained(candidate), candidate
-    if vision_tower in KNOWN_VISION_TOWERS:
-        return CLIPVisionConfig(**KNOWN_VISION_TOWERS[vision_tower]), None
-    try:
-        return CLIPVisionConfig.from_pretrained(vision_tower), None
-    except Exception as error:  # noqa: BLE001 - re-raised with the context a user needs
-        raise ValueError(
-            f"cannot resolve the vision tower {vision_tower!r}: not a local directory (also tried relative to "
-            f"{checkpoint_dir!r}), not a known CLIP id ({sorted(KNOWN_VISION_TOWERS)}), and the Hub failed: {error}"
-        ) from error
-
-
-def config_from_original(config_dict: dict, checkpoint_dir: str | None = None) -> tuple[SliMEConfig, str | None]:
-    """Translates a `llava_llama` config dict of the authors' code into a [`SliMEConfig`].
-
-    Returns the config and the local vision tower directory (if `mm_vision_tower` resolved to one).
-    """
-    unsupported = {
-        "mm_projector_type": ("gated",),
-        "mm_resampler_type": ("cosine",),
-        "mm_patch_merge_type": ("spatial",),
-        "mm_vision_select_feature": ("patch",),
-        "image_aspect_ratio": ("anyres",),
-    }
-    for field, allowed in unsupported.items():
-        value = config_dict.get(field, allowed[0])
-        if value not in allowed:
-            raise ValueError(f"this checkpoint has {field}={value!r}; SliME releases use {allowed[0]!r}")
-    if config_dict.get("mm_use_im_start_end"):
-        raise ValueError("this checkpoint uses mm_use_im_start_end=True, which SliME releases never do")
-    if "mm_vision_tower" not in config_dict:
-        raise ValueError("this config has no `mm_vision_tower`: it is not a SliME checkpoint in the authors' layout")
-
-    vision_config, vision_dir = resolve_vision_config(config_dict["mm_vision_tower"], checkpoint_dir)
-    if config_dict.get("mm_hidden_size", vision_config.hidden_size) != vision_config.hidden_size:
-        raise ValueError(
-            f"mm_hidden_size={config_dict['mm_hidden_size']} does not match the vision tower's hidden size "
-            f"{vision_config.hidden_size}"
-        )
-    text_fields = {k: v for k, v in config_dict.items() if k not in ORIGINAL_MM_FIELDS}
-    text_fields.pop("pad_token_id", None)
-    text_config = {"model_type": "llama", **text_fields, "pad_token_id": config_dict.get("pad_token_id")}
-    gated = int(config_dict.get("mm_learnable_gated", -1))
-    if gated not in _GATED_MODES:
-        raise ValueError(f"mm_learnable_gated must be -1, 0 or 1, got {gated}")
-    extra = {}
-    if "image_grid_pinpoints" in config_dict:
-        extra["image_grid_pinpoints"] = config_dict["image_grid_pinpoints"]
-    config = SliMEConfig(
-        text_config=text_config,
-        vision_config=vision_config.to_dict(),
-        image_token_id=config_dict["vocab_size"],
-        vision_feature_layer=config_dict.get("mm_vision_select_layer", -2),
-        global_adapter_mode=_GATED_MODES[gated],
-        local_compressor_num_queries=config_dict.get("mm_resampler_dim", 144),
-        router_top_p=config_dict.get("mm_resampler_topp", 0.95),
-        router_temperature=config_dict.get("mm_resampler_temp", 1.0),
-        separator_token_id=config_dict.get("seperator", 1919),
-        position_table_dtype="float16",
-        use_global_only=bool(config_dict.get("use_global_only", False)),
-        use_local_only=bool(config_dict.get("use_local_only", False)),
-        tie_word_embeddings=config_dict.get("tie_word_embeddings", False),
-        pad_token_id=config_dict.get("pad_token_id"),
-        bos_token_id=config_dict.get("bos_token_id"),
-        eos_token_id=config_dict.get("eos_token_id"),
-        **extra,
-    )
-    return config, vision_dir
-
-
-def load_original_state_dict(checkpoint_dir: str) -> dict[str, torch.Tensor]:
-    """Reads every weight shard of a checkpoint in the authors' layout (safetensors, or `.bin` with
-    `weights_only=True`), renamed to package names."""
-    from safetensors.torch import load_file
-
-    index_files = [
-        f
-        for f in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-        if os.path.isfile(os.path.join(checkpoint_dir, f))
-    ]
-    if index_files:
-        with open(os.path.join(checkpoint_dir, index_files[0])) as handle:
-            shards = sorted(set(json.load(handle)["weight_map"].values()))
-    else:
-        shards = [
-            f for f in ("model.safetensors", "pytorch_model.bin") if os.path.isfile(os.path.join(checkpoint_dir, f))
-        ]
-    if not shards:
-        raise ValueError(f"no weights (model*.safetensors or pytorch_model*.bin) found in {checkpoint_dir}")
-    state_dict = {}
-    for shard in shards:
-        path = os.path.join(checkpoint_dir, shard)
-        if not os.path.isfile(path):
-            raise ValueError(f"weight shard {shard} listed in the index is missing from {checkpoint_dir}")
-        try:
-            tensors = (
-                load_file(path)
-                if shard.endswith(".safetensors")
-                else torch.load(path, map_location="cpu", weights_only=True)
-            )
-        except Exception as error:  # noqa: BLE001
-            raise ValueError(f"cannot read weight shard {path}: {error}") from error
-        state_dict.update(rename_original_state_dict(tensors))
-    return state_dict
-
-
-def load_vision_tower_weights(vision_dir: str) -> dict[str, torch.Tensor]:
-    """Reads a local CLIP checkpoint as `model.vision_tower.*` weights (full CLIP or vision-only names)."""
-    from safetensors.torch import load_file
-
-    path = os.path.join(vision_dir, "model.safetensors")
-    tensors = (
-        load_file(path)
-        if os.path.isfile(path)
-        else torch.load(os.path.join(vision_dir, "pytorch_model.bin"), map_location="cpu", weights_only=True)
-    )
-    return {
-        "model.vision_tower." + k: v
-        for k, v in tensors.items()
-        if k.startswith("vision_model.") and not k.endswith("position_ids")
-    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1729,12 +1479,12 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
         result["selected_indices"] = prepared.selected_indices or []
         return result
 
-    # -- loading the authors' layout -------------------------------------------------------------------------------
+    # -- loading ---------------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """Loads a saved or converted SliME folder, or a checkpoint in the authors' `llava_llama` layout (config
-        translated and weights renamed here; the CLIP weights are taken from inside the checkpoint, else from the
-        resolved `mm_vision_tower`)."""
+        """Loads a saved or converted SliME folder, or a checkpoint in the authors' `llava_llama` layout. The latter is
+        read by the installed `slime_hf` package (`slime_hf.checkpoints.load_original_model`), which translates its
+        config and weight names; a saved or converted folder never needs it."""
         path = str(pretrained_model_name_or_path) if pretrained_model_name_or_path is not None else None
         config_file = os.path.join(path, "config.json") if path else None
         if config_file and os.path.isfile(config_file) and kwargs.get("config") is None:
@@ -1746,28 +1496,17 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
             if not isinstance(config_dict, dict):
                 raise ValueError(f"{config_file} holds a JSON {type(config_dict).__name__}, not a config object")
             model_type = config_dict.get("model_type")
-            if not is_original_layout(config_dict) and model_type != SliMEConfig.model_type:
-                raise ValueError(
-                    f"{config_file} is a config of model_type {model_type!r}, not a SliME model "
-                    f"(expected {SliMEConfig.model_type!r}, or the authors' 'llava_llama' layout)"
-                )
-            if is_original_layout(config_dict):
-                config, vision_dir = config_from_original(config_dict, path)
-                state_dict = load_original_state_dict(path)
-                if not any(k.startswith("model.vision_tower.") for k in state_dict):
-                    if vision_dir is None:
-                        raise ValueError(
-                            "the checkpoint holds no vision tower weights and mm_vision_tower is not a "
-                            "local directory; convert it with --vision-tower"
-                        )
-                    state_dict.update(load_vision_tower_weights(vision_dir))
-                kwargs.pop("trust_remote_code", None)
-                for key in ("attn_implementation",):
-                    if key in kwargs:
-                        config._attn_implementation = kwargs[key]
-                model = super().from_pretrained(None, *model_args, config=config, state_dict=state_dict, **kwargs)
-                model.name_or_path = path
-                return model
+            if model_type != SliMEConfig.model_type:
+                try:
+                    # The one import of the package from the remote code: only the authors' layout needs it.
+                    from slime_hf.checkpoints import load_original_model
+                except ImportError as error:
+                    raise ValueError(
+                        f"{config_file} has model_type {model_type!r}, not a saved SliME model "
+                        f"({SliMEConfig.model_type!r}); a checkpoint in the authors' 'llava_llama' layout is read by "
+                        "the slime_hf package, which is not installed here (install it, or load a converted repo)"
+                    ) from error
+                return load_original_model(cls, path, *model_args, **kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
 
@@ -1775,9 +1514,4 @@ __all__ = [
     "SliMEPreTrainedModel",
     "SliMEModel",
     "SliMEForConditionalGeneration",
-    "ORIGINAL_TO_PACKAGE_NAMES",
-    "ORIGINAL_MM_FIELDS",
-    "rename_original_key",
-    "rename_original_state_dict",
-    "config_from_original",
 ]

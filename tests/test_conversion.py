@@ -26,12 +26,14 @@ from slime_hf.checkpoints import (
     ADAPTER_PREFIXES,
     ADAPTER_WEIGHTS_NAME,
     adapter_parts,
+    config_from_original,
     detect_checkpoint_kind,
     load_adapter_weights,
     load_non_lora_trainables,
+    load_original_state_dict,
+    rename_original_state_dict,
     save_adapter_weights,
 )
-from slime_hf.modeling_slime import config_from_original, load_original_state_dict, rename_original_state_dict
 from test_remote_code import HIDE_PACKAGE, run_hidden
 
 

@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from conftest import FIXTURES, VARIANTS
 from slime_hf import SliMEForConditionalGeneration, SliMEProcessor
-from slime_hf.modeling_slime import rename_original_key
+from slime_hf.checkpoints import rename_original_key
 from slime_hf.training import (
     STAGES,
     SliMEDataCollator,

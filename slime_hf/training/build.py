@@ -18,8 +18,9 @@ from torch import nn
 from transformers import MODEL_MAPPING, AutoConfig, AutoModelForCausalLM
 from transformers.utils import logging
 
+from ..checkpoints import is_original_layout, resolve_vision_config, separator_token_id
 from ..configuration_slime import SliMEConfig
-from ..modeling_slime import SliMEForConditionalGeneration, is_original_layout, resolve_vision_config
+from ..modeling_slime import SliMEForConditionalGeneration
 from ..processing_slime import SliMEProcessor
 from .stages import ADAPTER_MODULES, apply_stage_config, freeze_for_stage, get_stage, is_adapter_parameter
 
@@ -51,11 +52,6 @@ def is_slime_checkpoint(path: str) -> bool:
     """Whether `path` holds a full SliME model (the package's layout or the authors' `llava_llama` layout)."""
     config_dict = _read_config_dict(path)
     return config_dict is not None and (config_dict.get("model_type") == "slime" or is_original_layout(config_dict))
-
-
-def separator_token_id(processor: SliMEProcessor) -> int:
-    """The separator the original training set: the last id of `tokenizer(',')`, with the exact tokenization."""
-    return processor.tokenize_prompt(",")[-1]
 
 
 @contextlib.contextmanager
