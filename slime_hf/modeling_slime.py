@@ -225,9 +225,17 @@ class SliMECosineRouter(nn.Module):
         return kept.sort().values
 
 
+_CACHE_ARGUMENT_NAMES: dict[type, str] = {}
+
+
 def _cache_argument_name(module: nn.Module) -> str:
-    """The KV-cache argument of a text model's forward: `cache` in newer transformers, `past_key_values` before."""
-    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+    """The KV-cache argument of a text model's forward: `cache` in newer transformers, `past_key_values` before
+    (looked up once per class: every decoding step asks)."""
+    name = _CACHE_ARGUMENT_NAMES.get(type(module))
+    if name is None:
+        name = "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+        _CACHE_ARGUMENT_NAMES[type(module)] = name
+    return name
 
 
 GENERATE_TAKES_CACHE = "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
@@ -375,6 +383,16 @@ class SliMECausalLMOutputWithPast(_CausalLMOutputWithPast):
     entropy: torch.FloatTensor | None = None
     is_top1: torch.BoolTensor | None = None
     label_mask: torch.BoolTensor | None = None
+
+
+def _prepared_fields(prepared: SliMEPreparedInputs) -> dict:
+    """The per-call results of the preparation that the model outputs carry."""
+    return {
+        "selected_indices": prepared.selected_indices,
+        "image_token_budget": prepared.image_token_budget,
+        "truncated_positions": prepared.truncated_positions,
+        **_image_outputs_field(prepared.image_outputs),
+    }
 
 
 def _image_outputs_field(image_outputs: SliMEImageFeatures | None) -> dict:
@@ -1018,12 +1036,14 @@ class SliMEModel(SliMEPreTrainedModel):
         `cache length ...`; those inside the assembled prompt take its embeddings (image features included), the
         rest (generated or candidate tokens) their token embeddings."""
         past = int(cache.get_seq_length()) if cache is not None else 0
-        embeds = self.embed_tokens(input_ids)
         inside = max(0, min(prompt_embeds.shape[1], past + input_ids.shape[1]) - past)
         if not inside:
-            return embeds
-        prompt_part = prompt_embeds[:, past : past + inside].to(embeds.device, embeds.dtype)
-        return torch.cat([prompt_part, embeds[:, inside:]], dim=1)
+            return self.embed_tokens(input_ids)
+        prompt_part = prompt_embeds[:, past : past + inside]
+        if inside == input_ids.shape[1]:
+            return prompt_part
+        embeds = self.embed_tokens(input_ids[:, inside:])
+        return torch.cat([prompt_part.to(embeds.device, embeds.dtype), embeds], dim=1)
 
     def _pad_id(self) -> int:
         for config in (self.config, self.config.text_config):
@@ -1089,15 +1109,12 @@ class SliMEModel(SliMEPreTrainedModel):
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         cache = cache if cache is not None else past_key_values
+        prepared = None  # set where this call assembles the prompt; decoding steps only embed what they feed
         if assembled_prompt_embeds is not None and input_ids is not None:
-            prepared = SliMEPreparedInputs(
-                inputs_embeds=self._embed_assembled(input_ids, assembled_prompt_embeds, cache),
-                attention_mask=attention_mask,
-            )
+            inputs_embeds = self._embed_assembled(input_ids, assembled_prompt_embeds, cache)
         elif inputs_embeds is not None:
             if input_ids is not None or pixel_values is not None:
                 raise ValueError("pass either input_ids (+ pixel_values) or inputs_embeds, not both")
-            prepared = SliMEPreparedInputs(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels)
         else:
             max_length = self.config.training_max_length if labels is not None else None
             prepared = self.prepare_multimodal_inputs(
@@ -1112,9 +1129,10 @@ class SliMEModel(SliMEPreTrainedModel):
                     f"training rows longer than training_max_length={max_length} assembled positions are cut at the "
                     "end (the number of positions cut per row is in outputs.truncated_positions)"
                 )
+            inputs_embeds, attention_mask, labels = prepared.inputs_embeds, prepared.attention_mask, prepared.labels
         outputs = self.language_model(
-            inputs_embeds=prepared.inputs_embeds,
-            attention_mask=prepared.attention_mask,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=use_cache,
             return_dict=True,
@@ -1126,12 +1144,9 @@ class SliMEModel(SliMEPreTrainedModel):
             **_cache_output(outputs),
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            attention_mask=prepared.attention_mask,
-            labels=prepared.labels,
-            selected_indices=prepared.selected_indices,
-            image_token_budget=prepared.image_token_budget,
-            truncated_positions=prepared.truncated_positions,
-            **_image_outputs_field(prepared.image_outputs),
+            attention_mask=attention_mask,
+            labels=labels,
+            **(_prepared_fields(prepared) if prepared is not None else {}),
         )
         return output if return_dict else output.to_tuple()
 
@@ -1163,10 +1178,15 @@ class _ImageIdAwareProcessors(LogitsProcessorList):
     def __init__(self, processors: LogitsProcessorList, image_token_id: int):
         super().__init__(processors)
         self.image_token_id = image_token_id
+        self.prompt_has_image_id: bool | None = None  # settled at the first step: generated ids are never the image id
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.FloatTensor:
         width = scores.shape[-1]
-        if width > self.image_token_id or not len(self) or not bool((input_ids == self.image_token_id).any()):
+        if width > self.image_token_id or not len(self):
+            return super().__call__(input_ids, scores, **kwargs)
+        if self.prompt_has_image_id is None:
+            self.prompt_has_image_id = bool((input_ids == self.image_token_id).any())
+        if not self.prompt_has_image_id:
             return super().__call__(input_ids, scores, **kwargs)
         extra = scores.new_full((*scores.shape[:-1], self.image_token_id + 1 - width), float("-inf"))
         return super().__call__(input_ids, torch.cat([scores, extra], dim=-1), **kwargs)[..., :width]
@@ -1212,6 +1232,26 @@ def _reusable_cache_length(cache, prepared: SliMEPreparedInputs) -> int:
     span = min(length, old_embeds.shape[1])
     same[:span] &= (old_embeds[:, :span] == new_embeds[:, :span].to(old_embeds.device)).all(-1).all(0)
     return length if bool(same.all()) else int((~same).float().argmax())
+
+
+def _merge_row_caches(row_caches: list, lengths: list[int], text_config) -> Any | None:
+    """One left-padded `DynamicCache` holding each row's cache at the end of its row (zeros before: padding, which
+    the attention mask hides), or None where a cache layer is not a plain full-attention `DynamicLayer` (sliding
+    windows, quantized or static layers keep their own layout, which a merge would break)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    if any(type(layer) is not DynamicLayer for cache in row_caches for layer in getattr(cache, "layers", [None])):
+        return None
+    total = max(lengths)
+    merged = DynamicCache(config=text_config)
+    for index in range(len(row_caches[0].layers)):
+        keys, values = [], []
+        for cache, length in zip(row_caches, lengths):
+            layer = cache.layers[index]
+            keys.append(F.pad(layer.keys, (0, 0, total - length, 0)))
+            values.append(F.pad(layer.values, (0, 0, total - length, 0)))
+        merged.update(torch.cat(keys), torch.cat(values), index)
+    return merged
 
 
 def _is_trl_fused_forward(forward: Any) -> bool:
@@ -1404,6 +1444,7 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
         image_sizes: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         router_top_p: float | None = None,
+        prefill_rows_separately: bool | None = None,
         **kwargs,
     ):
         """Generates answers; returns `input_ids` followed by the new ids (or a `GenerateOutput` whose `sequences`
@@ -1429,6 +1470,12 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
                 either side; the assembled rows are re-padded on the left).
             router_top_p (`float`, *optional*): the router's top-p for this call (never a bare `top_p`: that is
                 nucleus sampling).
+            prefill_rows_separately (`bool`, *optional*): prefill each row of a padded batch on its own (no padding,
+                no attention mask; the rows' caches are then merged and decoded together) instead of as one padded
+                batch. By default on when the assembled rows differ in length and the decoding allows it (one
+                sequence per prompt, no assistant, the default dynamic cache): padded prefill spends compute on
+                padding and runs a slower masked attention, which on a CPU costs more than batching saves. Set it
+                to `False` on a GPU when many short rows of similar length are batched.
             kwargs: any argument of [`~generation.GenerationMixin.generate`].
         """
         if kwargs.get("inputs_embeds") is not None or kwargs.get("assembled_prompt_embeds") is not None:
@@ -1454,6 +1501,10 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
                     cache.crop(reusable - cached)  # a negative count removes that many positions from the end
                 else:
                     cache.reset()
+        if cache is None and self._prefills_rows_separately(prepared, prefill_rows_separately, kwargs):
+            cache = self._prefill_rows(prepared)
+            if cache is not None:
+                kwargs["cache" if GENERATE_TAKES_CACHE else "past_key_values"] = cache
         if kwargs.get("streamer") is not None:
             kwargs["streamer"] = _PromptStreamer(kwargs["streamer"], input_ids)
         result = super().generate(
@@ -1466,7 +1517,7 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
         new_ids = sequences[:, prepared.input_ids.shape[1] :]
         copies = sequences.shape[0] // input_ids.shape[0]
         answer = torch.cat([input_ids.repeat_interleave(copies, dim=0), new_ids.to(input_ids.device)], dim=1)
-        filled = cache if cache is not None else None
+        filled = cache
         if not torch.is_tensor(result):
             filled = getattr(result, "cache", None) or getattr(result, "past_key_values", None) or filled
         if filled is not None and copies == 1:
@@ -1478,6 +1529,59 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
         result["image_token_budget"] = prepared.image_token_budget or []
         result["selected_indices"] = prepared.selected_indices or []
         return result
+
+    def _prefills_rows_separately(self, prepared: SliMEPreparedInputs, requested: bool | None, kwargs: dict) -> bool:
+        """Whether `generate` prefills the rows one by one (see its `prefill_rows_separately`)."""
+        mask = prepared.attention_mask
+        if requested is False or mask is None or mask.shape[0] < 2:
+            return False
+        config = kwargs.get("generation_config") or self.generation_config
+
+        def setting(name: str):
+            return kwargs.get(name, getattr(config, name, None))
+
+        decoding_allows = (
+            (setting("num_beams") or 1) == 1
+            and (setting("num_return_sequences") or 1) == 1
+            and setting("use_cache") is not False
+            and setting("cache_implementation") in (None, "dynamic")
+            and setting("prefill_chunk_size") is None
+            and setting("assistant_model") is None
+            and setting("prompt_lookup_num_tokens") is None
+            and not setting("output_attentions")
+            and not setting("output_hidden_states")
+        )
+        if requested and not decoding_allows:
+            raise ValueError(
+                "prefill_rows_separately=True needs one sequence per prompt, no assistant or prompt lookup, the "
+                "dynamic cache, no prefill_chunk_size and no output_attentions / output_hidden_states"
+            )
+        return decoding_allows and (bool(requested) or not bool(mask.bool().all()))
+
+    def _prefill_rows(self, prepared: SliMEPreparedInputs) -> Any | None:
+        """Runs the text model on each assembled row but its last position, without padding, and merges the rows'
+        caches into one left-padded cache: `generate` then feeds every row's last position together and decodes
+        the rows as one batch. Each row's prefill is exactly its single run's. None where the text model's cache
+        cannot be merged (the padded batch is prefilled instead)."""
+        from transformers.cache_utils import DynamicCache
+
+        mask = prepared.attention_mask.bool()
+        lengths = mask.sum(1).tolist()
+        total = mask.shape[1]
+        if not all(bool(mask[row, total - length :].all()) for row, length in enumerate(lengths)):
+            return None  # right padding (a text-only batch as the caller padded it): prefilled as it is
+        caches = []
+        for row, length in enumerate(lengths):
+            if length < 2:
+                return None  # nothing to prefill before the last position
+            cache = DynamicCache(config=self.config.text_config)
+            self.model.language_model(
+                inputs_embeds=prepared.inputs_embeds[row : row + 1, total - length : total - 1],
+                use_cache=True,
+                **{_cache_argument_name(self.model.language_model): cache},
+            )
+            caches.append(cache)
+        return _merge_row_caches(caches, [length - 1 for length in lengths], self.config.text_config)
 
     # -- loading ---------------------------------------------------------------------------------------------------
     @classmethod

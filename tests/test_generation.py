@@ -367,3 +367,68 @@ def test_a_prompt_too_long_for_any_routing_is_refused_before_encoding(loaded):
     finally:
         hook.remove()
     assert calls == []
+
+
+# -- batched generation -------------------------------------------------------------------------------------------
+def _batch_of_cases(variant: str, model, names: tuple[str, ...]) -> tuple[dict, list[dict]]:
+    goldens = [gu.case(variant, name) for name in names]
+    rows = [gu.golden_ids(g["input_ids"], model.config.image_token_id)[0] for g in goldens]
+    input_ids, attention_mask = gu.left_pad(rows, gu.cases(variant)["pad_token_id"])
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    pixel_values, image_sizes = gu.pixel_inputs([image for g in goldens for image in g["images"]])
+    if pixel_values is not None:
+        inputs.update(pixel_values=pixel_values, image_sizes=image_sizes)
+    return inputs, goldens
+
+
+@pytest.mark.parametrize("prefill_rows_separately", [None, False], ids=["rows-prefilled-separately", "padded-prefill"])
+@pytest.mark.parametrize(
+    "names, router_top_p",
+    [
+        (("text_only", "single_3crop", "single_7crop", "tall_extreme", "two_images"), None),
+        (("top_p_0.5", "text_only"), 0.5),  # the text-only row's golden does not depend on the router
+    ],
+    ids=["every-default-case", "router-top-p-0.5"],
+)
+def test_batched_rows_equal_their_single_goldens(loaded, names, router_top_p, prefill_rows_separately):
+    """Every golden case in one left-padded batch, both prefill modes: each row's greedy ids, first-step logits and
+    kept indices are its single run's."""
+    variant, model = loaded
+    inputs, goldens = _batch_of_cases(variant, model, names)
+    prefills = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: prefills.append(kwargs["inputs_embeds"].shape[:2]), with_kwargs=True
+    )
+    try:
+        out = model.generate(
+            **inputs,
+            **GREEDY,
+            router_top_p=router_top_p,
+            prefill_rows_separately=prefill_rows_separately,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+    finally:
+        hook.remove()
+    if prefill_rows_separately is None:  # one prefill per row, without padding, then one batched step per token
+        lengths = sorted(g["inputs_embeds_length"] - 1 for g in goldens)
+        assert sorted(shape[1] for shape in prefills[: len(goldens)]) == lengths
+        assert all(shape[0] == 1 for shape in prefills[: len(goldens)])
+        assert prefills[len(goldens)] == (len(goldens), 1)
+    else:
+        assert prefills[0] == (len(goldens), max(g["inputs_embeds_length"] for g in goldens))
+    images = [image for g in goldens for image in g["images"]]
+    assert [s.tolist() for s in out.selected_indices] == [gu.selected(image) for image in images]
+    for row, golden in enumerate(goldens):
+        assert out.sequences[row, inputs["input_ids"].shape[1] :].tolist() == golden["generated_new_ids"][0]
+        reference = gu.tensor(variant, golden["logits_last_ref"])[0]
+        assert (out.logits[0][row] - reference).abs().max().item() <= 1e-4
+
+
+def test_rows_prefilled_separately_only_where_decoding_allows(loaded):
+    variant, model = loaded
+    inputs, goldens = _batch_of_cases(variant, model, ("single_3crop", "text_only"))
+    with pytest.raises(ValueError, match="one sequence per prompt"):
+        model.generate(**inputs, num_beams=2, max_new_tokens=2, prefill_rows_separately=True)
+    beams = model.generate(**inputs, num_beams=2, num_return_sequences=1, max_new_tokens=3, do_sample=False)
+    assert beams.shape[0] == 2  # the padded batch is prefilled instead
