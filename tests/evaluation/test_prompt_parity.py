@@ -23,9 +23,9 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from conftest import FIXTURES
+from conftest import FIXTURES, PROJECT_ROOT
 from slime_hf.evaluation.prompting import render_prompt
-from slime_hf.evaluation.tasks import EXTRA_TASKS, PAPER_TASKS, TASKS_DIR, protocol
+from slime_hf.evaluation.tasks import EXTRA_TASKS, PAPER_COLUMNS, PAPER_TASKS, TASKS_DIR, protocol
 from slime_hf.processing_slime import SliMEProcessor
 
 
@@ -632,3 +632,21 @@ def test_paper_group_is_registered_with_the_ten_columns():
     for task, yaml in YAML.items():
         benchmark = yaml.split("/")[0]
         assert load_task(task)["generation_kwargs"]["max_new_tokens"] == protocol.MAX_NEW_TOKENS[benchmark]
+
+
+def test_paper_columns_are_the_papers_table():
+    # The columns of the paper's main table in RELEASES.md, in order, each filled by a task of the group.
+    releases = (PROJECT_ROOT.parent / "shared" / "docs" / "RELEASES.md").read_text()
+    header = next(line for line in releases.splitlines() if line.startswith("| model (LLM) |"))
+    assert [c.strip() for c in header.strip("|").split("|")[1:]] == list(PAPER_COLUMNS)
+    assert {task for task, _, _ in PAPER_COLUMNS.values()} == set(PAPER_TASKS)
+
+
+@requires_lmms_eval
+def test_paper_columns_name_the_tasks_metrics():
+    for column, (task, metric, _) in PAPER_COLUMNS.items():
+        metrics = [entry["metric"] for entry in load_task(task)["metric_list"]]
+        if column == "VQAv2":  # scored by the evaluation server only
+            assert metric is None and metrics == ["submission"]
+        else:
+            assert metric in metrics, column
