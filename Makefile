@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-deepspeed test-serve lint format install clean
+.PHONY: demo test test-deepspeed test-serve test-eval lint format install clean
 
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -c "import torch, transformers, huggingface_hub; print('torch', torch.__version__, '| transformers', transformers.__version__, '| huggingface_hub', huggingface_hub.__version__)"
-	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests --ignore=tests/evaluation $(PYTEST_ARGS)
 
 # ruff, configured in ruff.toml: `make lint` checks (lint rules, then formatting) and changes nothing; `make format`
 # applies the formatter and the safe lint fixes (import order).
@@ -62,6 +62,25 @@ $(SERVE_STAMP): setup.py requirements/serve-cpu.txt
 test-serve: $(SERVE_STAMP)
 	$(SERVE_BIN)/python -c "import torch, transformers, vllm; print('torch', torch.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__)"
 	SLIME_SERVE_TESTS=1 VLLM_CPU_KVCACHE_SPACE=1 $(SERVE_BIN)/python -m pytest tests/serving $(PYTEST_ARGS)
+
+# The evaluation tests (lmms-eval model slime_hf, task variants, python -m slime_hf.evaluate) in their own
+# environment: torch first ($(TORCH_SPEC)), the package with [eval], then lmms-eval without its declared dependencies
+# (requirements/eval.txt says why; no torchvision, the CPU torch stays). `make test` leaves tests/evaluation to this.
+EVAL_VENV ?= .venv-eval
+EVAL_BIN := $(EVAL_VENV)/bin
+EVAL_STAMP := $(EVAL_VENV)/.installed
+
+$(EVAL_STAMP): setup.py requirements/eval.txt
+	test -x $(EVAL_BIN)/python || $(PYTHON) -m venv $(EVAL_VENV)
+	$(EVAL_BIN)/python -m pip install --quiet --upgrade pip
+	$(EVAL_BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(EVAL_BIN)/python -m pip install --quiet -e ".[eval]" pytest pytest-timeout
+	$(EVAL_BIN)/python -m pip install --quiet --no-deps -r requirements/eval.txt
+	touch $(EVAL_STAMP)
+
+test-eval: $(EVAL_STAMP)
+	$(EVAL_BIN)/python -c "import torch, transformers, lmms_eval, google.protobuf; from importlib.metadata import version; print('torch', torch.__version__, '| transformers', transformers.__version__, '| lmms-eval', version('lmms_eval'), '| protobuf', google.protobuf.__version__)"
+	$(EVAL_BIN)/python -m pytest tests/evaluation $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

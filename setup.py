@@ -1,7 +1,21 @@
 from setuptools import find_packages, setup
 
 
-EVAL_REQUIREMENTS = ["datasets", "evaluate", "loguru", "sacrebleu", "pytz", "tenacity", "filelock<4", "pyyaml"]
+# What lmms-eval needs at run time for slime_hf's model and tasks (lmms-eval itself: requirements/eval.txt). lmms-eval
+# 0.7.3 imports filelock._api, which filelock 4 removed; openai and openpyxl serve the judge-scored and MMBench tasks.
+EVAL_REQUIREMENTS = [
+    "datasets",
+    "evaluate",
+    "filelock<4",
+    "loguru",
+    "openai",
+    "openpyxl",
+    "pytablewriter",
+    "pytz",
+    "pyyaml",
+    "sacrebleu",
+    "tenacity",
+]
 
 setup(
     name="slime-hf",
