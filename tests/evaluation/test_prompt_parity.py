@@ -440,6 +440,36 @@ def test_mmvet_task(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "submissions" / "mmvet_results.json").read_text()) == {"v1_0": "x = -1 or -5"}
 
 
+@requires_lmms_eval
+def test_gpt_judged_tasks_score_with_a_configured_judge(tmp_path, monkeypatch):
+    # With a judge key, the tasks hand their records to lmms-eval's own judges (replaced here by fixed verdicts: no
+    # network): LLaVA-W's review scores (reference 8, answer 9) give 9 / 8 = 112.5%, MM-Vet's grade 0.5 gives 50%.
+    from lmms_eval.tasks.mmvet import utils as mmvet_judge
+    from lmms_eval.verifiers import VerifyResult
+
+    llava_judge = importlib.import_module("lmms_eval.tasks.llava-in-the-wild.utils")  # not an identifier
+    asked = []
+
+    def review(**request):
+        asked.append(request)
+        return VerifyResult(score=0.9, is_correct=True, raw_output="8 9", metadata={"scores": [8, 9]})
+
+    monkeypatch.setenv("OPENAI_API_KEY", "a-key")
+    monkeypatch.setattr(llava_judge, "_get_pipeline", lambda: review)
+    monkeypatch.setattr(mmvet_judge, "get_chat_response", lambda prompt, **kwargs: ("0.5", "judge"))
+    args = SimpleNamespace(output_path=str(tmp_path))
+
+    config = load_task("slime_llava_in_the_wild")
+    record = config["process_results"](LLAVA_W_DOC, ["Diamond Head."])["gpt_eval_llava_all"]
+    assert config["metric_list"][0]["aggregation"]([record], args=args) == 112.5
+    assert asked[0]["question"] == LLAVA_W_DOC["question"] and asked[0]["prediction"] == "Diamond Head."
+    assert LLAVA_W_DOC["caption"] in asked[0]["content"]
+
+    config = load_task("slime_mmvet")
+    record = config["process_results"](MMVET_DOC, ["x = -1 or -5"])["gpt_eval_score"]
+    assert config["metric_list"][0]["aggregation"]([record], args=args) == 50.0
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # MME
 # ---------------------------------------------------------------------------------------------------------------------
