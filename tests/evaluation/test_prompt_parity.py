@@ -23,11 +23,14 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from conftest import FIXTURES, PROJECT_ROOT
 from slime_hf.evaluation.prompting import render_prompt
 from slime_hf.evaluation.tasks import EXTRA_TASKS, PAPER_COLUMNS, PAPER_TASKS, TASKS_DIR, protocol
 from slime_hf.processing_slime import SliMEProcessor
 
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+# The fixture models, as tests/conftest.py finds them (this folder's conftest shadows that module name).
+FIXTURES = Path(os.environ.get("SLIME_FIXTURES", PROJECT_ROOT / "tests" / "fixtures" / "reference"))
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The original pipeline (yfzhang114/SliME 5c89ec9)
