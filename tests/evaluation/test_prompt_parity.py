@@ -447,6 +447,7 @@ def test_mmvet_task(tmp_path, monkeypatch):
 def test_gpt_judged_tasks_score_with_a_configured_judge(tmp_path, monkeypatch):
     # With a judge key, the tasks hand their records to lmms-eval's own judges (replaced here by fixed verdicts: no
     # network): LLaVA-W's review scores (reference 8, answer 9) give 9 / 8 = 112.5%, MM-Vet's grade 0.5 gives 50%.
+    monkeypatch.setenv("OPENAI_API_KEY", "a-key")  # before the imports: lmms-eval's MM-Vet module makes its client
     from lmms_eval.tasks.mmvet import utils as mmvet_judge
     from lmms_eval.verifiers import VerifyResult
 
@@ -457,7 +458,6 @@ def test_gpt_judged_tasks_score_with_a_configured_judge(tmp_path, monkeypatch):
         asked.append(request)
         return VerifyResult(score=0.9, is_correct=True, raw_output="8 9", metadata={"scores": [8, 9]})
 
-    monkeypatch.setenv("OPENAI_API_KEY", "a-key")
     monkeypatch.setattr(llava_judge, "_get_pipeline", lambda: review)
     monkeypatch.setattr(mmvet_judge, "get_chat_response", lambda prompt, **kwargs: ("0.5", "judge"))
     args = SimpleNamespace(output_path=str(tmp_path))
