@@ -111,7 +111,7 @@ def build_app(state: ServerState):
     @app.get("/health")
     async def health():
         status = "draining" if state.draining else "ok"
-        body = {"status": status, "running_requests": len(state.active)}
+        body = {"status": status, "running_requests": len(state.active), "front_end": dict(state.frontend.stats)}
         processor = getattr(state.engine, "output_processor", None)
         if processor is not None:  # requests the engine still holds (a disconnected client's must be gone)
             body["engine_requests"] = processor.get_num_unfinished_requests()

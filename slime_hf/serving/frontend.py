@@ -9,7 +9,6 @@ takes as `prompt_embeds` and the per-image token budget.
 from __future__ import annotations
 
 import asyncio
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -84,10 +83,10 @@ class FrontEnd:
         self.pad_id = processor.tokenizer.pad_token_id
         self.image_token_id = self.slime.config.image_token_id
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slime-front-end")
-        self._lock = threading.Lock()
         self._queue: asyncio.Queue | None = None
         self._worker: asyncio.Task | None = None
-        self.batch_sizes: list[int] = []  # sizes of the batches run so far (for tests and monitoring)
+        # assembly calls so far, prompts they prepared and the most in one call (reported by /health)
+        self.stats = {"batches": 0, "prompts": 0, "largest_batch": 0}
 
     # -- the public coroutine ---------------------------------------------------------------------------------
     async def prepare(self, request: PromptRequest) -> PreparedPrompt:
@@ -154,19 +153,24 @@ class FrontEnd:
                 except (ValueError, RequestError):
                     prepared = None
                 if prepared is not None:
-                    self.batch_sizes.append(len(indices))
+                    self._record(len(indices))
                     for i, result in zip(indices, prepared):
                         results[i] = result
                     continue
                 for i in indices:  # find which request failed
                     try:
                         results[i] = self._assemble([batch[i]], router_top_p)[0]
-                        self.batch_sizes.append(1)
+                        self._record(1)
                     except RequestError as error:
                         results[i] = error
                     except ValueError as error:
                         results[i] = RequestError(str(error), "messages")
         return results
+
+    def _record(self, prompts: int) -> None:
+        self.stats["batches"] += 1
+        self.stats["prompts"] += prompts
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], prompts)
 
     def _tokenize(self, request: PromptRequest) -> dict:
         placeholders = request.text.count(self.processor.image_token)

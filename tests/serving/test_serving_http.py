@@ -89,6 +89,8 @@ def test_concurrent_mixed_requests_equal_their_single_answers(server, reference,
     assert len(answers) == count
     for name, ids in zip(names, answers):
         assert ids == [reference.ids(name)], reference.margin_at_first_difference(name, ids[0])
+    front_end = httpx.get(f"{server.url}/health").json()["front_end"]
+    assert front_end["largest_batch"] > 1, front_end  # the image work of concurrent requests ran together
 
 
 def test_n_and_seeded_sampling(server, reference):
