@@ -3,7 +3,8 @@
     python examples/generate.py --images photos/ --prompt "Describe the image." --batch-size 4 --output answers.jsonl
 
 Each line of the output holds the image, the prompt, the answer, the slicing grid and the image token budget
-(global, separator, local kept of total). Lines are written and flushed as answers come, so a long run that stops
+(global, separator, local kept of total). Images are answered grouped by their number of crops (batches of similar
+length), so lines come in that order. Lines are written and flushed as answers come, so a long run that stops
 keeps what it has written. An existing output file is never replaced silently: pass `--resume` to skip the images it
 already answers and append the others, or `--overwrite` to replace it (the old file stays until the first answer is
 ready). Without `--model` it runs the untrained demonstration model, whose answers are noise.
@@ -47,6 +48,22 @@ def list_images(sources: list[str]) -> list[Path]:
 
 def batches(items: list, size: int) -> list[list]:
     return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+def by_slice_count(images: list[Path]) -> list[Path]:
+    """The images ordered by their number of local crops (stable): a batch then holds images whose assembled rows
+    (576 global tokens, a separator and the kept share of 144 tokens per crop) are of similar length, so little of
+    the batched decoding is spent on padding. Only the image headers are read."""
+    from PIL import Image
+
+    from slime_hf.image_processing_slime import get_slice_grid
+
+    def crops(path: Path) -> int:
+        with Image.open(path) as image:
+            rows, cols = get_slice_grid((image.height, image.width))
+        return rows * cols
+
+    return sorted(images, key=crops)
 
 
 def _image_key(path: str | os.PathLike) -> str:
@@ -155,7 +172,7 @@ def generate(args: argparse.Namespace) -> None:
     sink = LineSink(output, append=args.resume, keep_bytes=keep_bytes)
     try:
         with tqdm(total=len(images), unit="image", file=sys.stderr) as bar:
-            for batch in batches(images, args.batch_size):
+            for batch in batches(by_slice_count(images), args.batch_size):
                 # One prompt per image; the processor pads them on the left, as generation needs.
                 inputs = processor(images=[str(path) for path in batch], text=[prompt] * len(batch)).to(args.device)
                 out = model.generate(**inputs, **generation_kwargs(args), return_dict_in_generate=True)
@@ -229,7 +246,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="the question asked about each image; the image goes before it unless the prompt "
         "places it with one <image>",
     )
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=4,
+        help="images answered per generate call (default 4). A batch encodes its images in one vision pass, "
+        "prefills each row on its own (no padding) and decodes the rows together; images are grouped by their "
+        "number of crops so rows in a batch are of similar length, and answers are written in that order. On a "
+        "CPU, batching mostly saves decoding time (one pass over the weights per step for the whole batch). "
+        "On a GPU, decoding is "
+        "bound by memory bandwidth, so throughput grows almost with the batch until memory runs out: raise "
+        "it to 16-32",
+    )
     parser.add_argument(
         "--output",
         default="answers.jsonl",

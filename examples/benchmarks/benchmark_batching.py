@@ -246,13 +246,13 @@ def main() -> None:
                 raise SystemExit(f"batch of {size}: row {row} differs from its single run: {ids} vs {single}")
 
     parameters = sum(p.numel() for p in model.model.language_model.parameters()) / 1e6
-    print(f"device {args.device}, {args.dtype}, language model {parameters:.0f}M parameters, {args.pairs} pairs")
+    print(f"device {args.device}, {args.dtype}, language model {parameters:.1f}M parameters, {args.pairs} pairs")
     print("every batched row equals its single run (greedy ids)\n")
     base = results[min(args.batches)]
     header = "| batch | processor s | vision s | prefill s | new tokens | decode s | total s | tokens/s | vs 1 by 1 |"
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
-    for tokens in (16, args.new_tokens):
+    for tokens in sorted({16, args.new_tokens}):
         for size, result in results.items():
             total = result["processor_s"] + result["first_s"] + result["decode_s"][tokens]
             base_total = base["processor_s"] + base["first_s"] + base["decode_s"][tokens]
