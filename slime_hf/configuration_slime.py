@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from transformers import AutoConfig, CLIPVisionConfig, LlamaConfig, PreTrainedConfig
 
 
@@ -21,6 +23,42 @@ CLIP_VIT_L_336 = {
     "hidden_act": "quick_gelu",
     "layer_norm_eps": 1e-5,
 }
+
+
+def _sub_config(value: dict | PreTrainedConfig | None, default_type: str, default: Callable[[], PreTrainedConfig]):
+    """A sub-config from a dict (its `model_type`, else `default_type`, picks the class), a config, or the default."""
+    if isinstance(value, dict):
+        value = dict(value)
+        return AutoConfig.for_model(value.pop("model_type", default_type), **value)
+    return default() if value is None else value
+
+
+def _check_choices(
+    global_adapter_mode: str,
+    router_type: str,
+    position_table_dtype: str,
+    router_top_p: float,
+    use_global_only: bool,
+    use_local_only: bool,
+    local_compressor_num_queries: int,
+    training_max_length: int | None,
+) -> None:
+    """A `ValueError` naming the first SliME field whose value the model cannot run with."""
+    if global_adapter_mode not in GLOBAL_ADAPTER_MODES:
+        raise ValueError(f"global_adapter_mode must be one of {GLOBAL_ADAPTER_MODES}, got {global_adapter_mode!r}")
+    if router_type not in ROUTER_TYPES:
+        raise ValueError(f"router_type must be one of {ROUTER_TYPES}, got {router_type!r}")
+    if position_table_dtype not in POSITION_TABLE_DTYPES:
+        raise ValueError(f"position_table_dtype must be one of {POSITION_TABLE_DTYPES}, got {position_table_dtype!r}")
+    if not 0.0 < float(router_top_p) <= 1.0:
+        raise ValueError(f"router_top_p must be in (0, 1], got {router_top_p}")
+    if use_global_only and use_local_only:
+        raise ValueError("use_global_only and use_local_only cannot both be set")
+    side = int(round(local_compressor_num_queries**0.5))
+    if side * side != local_compressor_num_queries:
+        raise ValueError(f"local_compressor_num_queries must be a square number, got {local_compressor_num_queries}")
+    if training_max_length is not None and int(training_max_length) <= 0:
+        raise ValueError(f"training_max_length must be positive, got {training_max_length}")
 
 
 class SliMEConfig(PreTrainedConfig):
@@ -115,39 +153,18 @@ class SliMEConfig(PreTrainedConfig):
         tie_word_embeddings: bool = False,
         **kwargs,
     ):
-        if isinstance(text_config, dict):
-            text_config = dict(text_config)
-            model_type = text_config.pop("model_type", "llama")
-            text_config = AutoConfig.for_model(model_type, **text_config)
-        elif text_config is None:
-            text_config = LlamaConfig()
-        self.text_config = text_config
-
-        if isinstance(vision_config, dict):
-            vision_config = dict(vision_config)
-            model_type = vision_config.pop("model_type", "clip_vision_model")
-            vision_config = AutoConfig.for_model(model_type, **vision_config)
-        elif vision_config is None:
-            vision_config = CLIPVisionConfig(**CLIP_VIT_L_336)
-        self.vision_config = vision_config
-
-        if global_adapter_mode not in GLOBAL_ADAPTER_MODES:
-            raise ValueError(f"global_adapter_mode must be one of {GLOBAL_ADAPTER_MODES}, got {global_adapter_mode!r}")
-        if router_type not in ROUTER_TYPES:
-            raise ValueError(f"router_type must be one of {ROUTER_TYPES}, got {router_type!r}")
-        if position_table_dtype not in POSITION_TABLE_DTYPES:
-            raise ValueError(
-                f"position_table_dtype must be one of {POSITION_TABLE_DTYPES}, got {position_table_dtype!r}"
-            )
-        if not 0.0 < float(router_top_p) <= 1.0:
-            raise ValueError(f"router_top_p must be in (0, 1], got {router_top_p}")
-        if use_global_only and use_local_only:
-            raise ValueError("use_global_only and use_local_only cannot both be set")
-        side = int(round(local_compressor_num_queries**0.5))
-        if side * side != local_compressor_num_queries:
-            raise ValueError(
-                f"local_compressor_num_queries must be a square number, got {local_compressor_num_queries}"
-            )
+        self.text_config = _sub_config(text_config, "llama", LlamaConfig)
+        self.vision_config = _sub_config(vision_config, "clip_vision_model", lambda: CLIPVisionConfig(**CLIP_VIT_L_336))
+        _check_choices(
+            global_adapter_mode=global_adapter_mode,
+            router_type=router_type,
+            position_table_dtype=position_table_dtype,
+            router_top_p=router_top_p,
+            use_global_only=use_global_only,
+            use_local_only=use_local_only,
+            local_compressor_num_queries=local_compressor_num_queries,
+            training_max_length=training_max_length,
+        )
 
         self.image_token_id = image_token_id
         self.vision_feature_layer = vision_feature_layer
@@ -165,8 +182,6 @@ class SliMEConfig(PreTrainedConfig):
         self.router_reads_answers = router_reads_answers
         self.separator_token_id = separator_token_id
         self.position_table_dtype = position_table_dtype
-        if training_max_length is not None and int(training_max_length) <= 0:
-            raise ValueError(f"training_max_length must be positive, got {training_max_length}")
         self.training_max_length = None if training_max_length is None else int(training_max_length)
         self.use_global_only = use_global_only
         self.use_local_only = use_local_only

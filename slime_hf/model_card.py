@@ -283,14 +283,7 @@ def make_model_card(
         release = found
     if base_model is None and release is not None:
         base_model = release.repo_id
-    if license is None:
-        names = base_model if isinstance(base_model, (list, tuple)) else [base_model]
-        is_release = release is not None and all(name in (release.repo_id, release.base_model) for name in names)
-        license = release.license if is_release else license_for(base_model)
-    if license == "other" and license_name is None:
-        license_name = RESEARCH_LICENSE_NAME
-    if license_link is None:
-        license_link = license_link_for(license, license_name)
+    license, license_name, license_link = _licence_fields(base_model, release, license, license_name, license_link)
     if chat_template is None and release is not None:
         chat_template = release.chat_template
     if model_name is None:
@@ -313,7 +306,41 @@ def make_model_card(
     }
     yaml_fields.update(metadata)
 
-    parts = [_yaml(yaml_fields), f"# {model_name}\n"]
+    parts = [_yaml(yaml_fields), f"# {model_name}\n", *_provenance(release, source, stage_checkpoint)]
+    parts.append(_ABOUT.format(router_top_p=router_top_p))
+    if training:
+        parts.append("## Training\n\n" + training.strip() + "\n")
+    parts.append(_usage(repo, chat_template, stage_checkpoint, lora_checkpoint))
+    results_text = _results_table(release, results)
+    if results_text:
+        parts.append("## Results\n\n" + results_text)
+    parts.append(_LICENCE)
+    parts.append(f"## Citation\n\n```bibtex\n{CITATION}\n```\n")
+    return "\n".join(parts)
+
+
+def _licence_fields(
+    base_model: str | list[str] | None,
+    release: SliMERelease | None,
+    license: str | None,
+    license_name: str | None,
+    license_link: str | None,
+) -> tuple[str, str | None, str | None]:
+    """The card's licence id, name and link: the release's own licence for a release, else the base model's."""
+    if license is None:
+        names = base_model if isinstance(base_model, (list, tuple)) else [base_model]
+        is_release = release is not None and all(name in (release.repo_id, release.base_model) for name in names)
+        license = release.license if is_release else license_for(base_model)
+    if license == "other" and license_name is None:
+        license_name = RESEARCH_LICENSE_NAME
+    if license_link is None:
+        license_link = license_link_for(license, license_name)
+    return license, license_name, license_link
+
+
+def _provenance(release: SliMERelease | None, source: str | None, stage_checkpoint: bool) -> list[str]:
+    """The card's opening lines: which release the model is, and what it was converted from."""
+    parts = []
     if release is not None:
         licence = LICENSE_TITLES.get(release.license, release.license)
         parts.append(
@@ -330,22 +357,17 @@ def make_model_card(
             "processor, tokenizer and generation config"
         )
         parts.append(f"Converted from `{source}` with slime-hf (`conversion/convert_slime_to_hf.py`): {detail}.\n")
-    parts.append(_ABOUT.format(router_top_p=router_top_p))
-    if training:
-        parts.append("## Training\n\n" + training.strip() + "\n")
-    template_note = f" The default chat template is `{chat_template}`." if chat_template else ""
+    return parts
+
+
+def _usage(repo: str, chat_template: str | None, stage_checkpoint: bool, lora_checkpoint: bool) -> str:
+    """The usage section: generation for a model, continued training for a stage checkpoint, merging for a LoRA."""
     if stage_checkpoint:
-        parts.append(_STAGE_USAGE.format(repo=repo))
-    elif lora_checkpoint:
-        parts.append(_LORA_USAGE.format(repo=repo))
-    else:
-        parts.append(_USAGE.format(repo=repo, template_note=template_note))
-    results_text = _results_table(release, results)
-    if results_text:
-        parts.append("## Results\n\n" + results_text)
-    parts.append(_LICENCE)
-    parts.append(f"## Citation\n\n```bibtex\n{CITATION}\n```\n")
-    return "\n".join(parts)
+        return _STAGE_USAGE.format(repo=repo)
+    if lora_checkpoint:
+        return _LORA_USAGE.format(repo=repo)
+    template_note = f" The default chat template is `{chat_template}`." if chat_template else ""
+    return _USAGE.format(repo=repo, template_note=template_note)
 
 
 def save_model_card(folder: str | os.PathLike, base_model: str | list[str] | None = None, **kwargs: Any) -> str:

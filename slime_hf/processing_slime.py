@@ -19,11 +19,11 @@ original `tokenizer_image_token` did: every chunk between placeholders on its ow
 tokenizer would.
 """
 
+import functools
 import json
 import os
-import re
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 from huggingface_hub.errors import StrictDataclassError
@@ -34,12 +34,17 @@ from transformers.tokenization_utils_base import AddedToken, PreTrainedTokenizer
 from transformers.utils import cached_file, logging
 
 from .image_processing_slime import SliMEImageProcessor, SliMEImageProcessorPil
+from .tokenization_slime import (
+    IMAGE_TOKEN,
+    SentencePieceLlamaEncoder,
+    is_sentencepiece_style,
+    load_sentencepiece_proto,
+    tokenize_prompt_with_images,
+)
 
 
 logger = logging.get_logger(__name__)
 
-IMAGE_TOKEN = "<image>"
-SPIECE_UNDERLINE = "\u2581"
 SENTENCEPIECE_MODEL_FILE = "tokenizer.model"
 _TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 _PROCESSOR_CONFIG_FILE = "processor_config.json"
@@ -200,342 +205,6 @@ def chat_templates_for(tokenizer: PreTrainedTokenizerBase, default: str | None =
     return {"default": CHAT_TEMPLATES[default], **{name: CHAT_TEMPLATES[name] for name in names}}
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Exact tokenization
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-class SentencePieceLlamaEncoder:
-    """
-    Encodes text exactly as the slow `LlamaTokenizer` of transformers 4.x (the one the original SliME code loaded with
-    `use_fast=False`), on `sentencepiece` directly.
-
-    transformers 5 only has the `tokenizers`-backed Llama tokenizer, which differs from the slow one on text that
-    starts with spaces (the slow one keeps them after its own "▁" prefix: " and" -> "▁▁", "and"); the original prompt
-    ids depend on it because every chunk between `<image>` placeholders was tokenised on its own, and the chunk after
-    a placeholder often starts with a space. This class reproduces the slow
-    tokenizer: added/special token strings typed in the text are split out and become their ids, and with
-    `legacy=False` SentencePiece's dummy prefix is disabled, the text gets one "▁" prefix (dropped before a leading
-    special token) and pieces starting with a space are encoded behind the `unk` string, which is then removed.
-
-    Args:
-        model_proto (`bytes`):
-            The content of the SentencePiece `tokenizer.model` file.
-        added_tokens (`dict[str, int]` or `dict[int, AddedToken]`):
-            Added (special) tokens, as `tokenizer.added_tokens_decoder` (id -> `AddedToken`) or content -> id.
-        special_tokens (`Sequence[str]`):
-            The tokenizer's special token strings (`all_special_tokens`).
-        unk_token (`str`, *optional*, defaults to `"<unk>"`):
-            The unknown token string (used by the non-legacy prefix trick).
-        bos_token_id (`int`, *optional*):
-            Id added at the start when `add_bos_token`.
-        eos_token_id (`int`, *optional*):
-            Id added at the end when `add_eos_token`.
-        add_bos_token (`bool`, *optional*, defaults to `True`):
-            Whether `encode` adds the BOS id.
-        add_eos_token (`bool`, *optional*, defaults to `False`):
-            Whether `encode` adds the EOS id.
-        legacy (`bool`, *optional*, defaults to `False`):
-            The slow tokenizer's `legacy` flag (Llama-2 / Vicuna v1.5 tokenizers set `false`).
-    """
-
-    def __init__(
-        self,
-        model_proto: bytes,
-        added_tokens: dict,
-        special_tokens: Sequence[str],
-        unk_token: str = "<unk>",
-        bos_token_id: int | None = None,
-        eos_token_id: int | None = None,
-        add_bos_token: bool = True,
-        add_eos_token: bool = False,
-        legacy: bool = False,
-    ):
-        self.model_proto = bytes(model_proto)
-        self._added = {}
-        for key, value in added_tokens.items():
-            token = value if isinstance(value, AddedToken) else AddedToken(str(key), special=True, normalized=False)
-            token_id = key if isinstance(value, AddedToken) else int(value)
-            self._added[token.content] = (token_id, token)
-        self.special_tokens = set(special_tokens)
-        self.unk_token = str(unk_token)
-        self.bos_token_id = bos_token_id
-        self.eos_token_id = eos_token_id
-        self.add_bos_token = add_bos_token
-        self.add_eos_token = add_eos_token
-        self.legacy = legacy
-        self._build()
-
-    def _build(self) -> None:
-        import sentencepiece as spm
-
-        processor = spm.SentencePieceProcessor()
-        if self.legacy:
-            processor.LoadFromSerializedProto(self.model_proto)
-        else:
-            # As the slow tokenizer's `get_spm_processor`: the non-legacy mode switches the dummy prefix off and adds
-            # its own "▁" in `tokenize`.
-            from transformers.convert_slow_tokenizer import import_protobuf
-
-            model_pb2 = import_protobuf()
-            proto = model_pb2.ModelProto.FromString(self.model_proto)
-            proto.normalizer_spec.add_dummy_prefix = False
-            processor.LoadFromSerializedProto(proto.SerializeToString())
-        self.sp_model = processor
-        self.unk_token_length = len(processor.encode(self.unk_token, out_type=str))
-        # Longest first, so that the leftmost-longest added token wins, as the slow tokenizer's trie.
-        contents = sorted(self._added, key=len, reverse=True)
-        self._split_pattern = re.compile("|".join(re.escape(c) for c in contents)) if contents else None
-
-    @classmethod
-    def from_tokenizer(
-        cls, tokenizer: PreTrainedTokenizerBase, model_proto: bytes, legacy: bool | None = None
-    ) -> "SentencePieceLlamaEncoder":
-        """
-        Builds the encoder for a transformers tokenizer of the same vocabulary.
-
-        Args:
-            tokenizer (`PreTrainedTokenizerBase`):
-                The tokenizer (its added tokens, special tokens and BOS/EOS settings are used).
-            model_proto (`bytes`):
-                The content of its SentencePiece `tokenizer.model`.
-            legacy (`bool`, *optional*):
-                The slow tokenizer's `legacy` flag; defaults to `tokenizer.legacy` if set, else `True` (the slow
-                tokenizer's default).
-
-        Returns:
-            `SentencePieceLlamaEncoder`
-        """
-        if legacy is None:
-            legacy = getattr(tokenizer, "legacy", None)
-            legacy = True if legacy is None else bool(legacy)
-        # What the tokenizer adds around a text, probed: transformers 5 keeps it in the post-processor and does not
-        # save `add_bos_token` / `add_eos_token` in tokenizer_config.json.
-        probe = tokenizer.encode("", add_special_tokens=True)
-        bos_id, eos_id = tokenizer.bos_token_id, tokenizer.eos_token_id
-        add_bos_token = bool(probe) and bos_id is not None and probe[0] == bos_id
-        add_eos_token = (
-            bool(probe) and eos_id is not None and probe[-1] == eos_id and (len(probe) > 1 or not add_bos_token)
-        )
-        return cls(
-            model_proto,
-            added_tokens=dict(tokenizer.added_tokens_decoder),
-            special_tokens=list(tokenizer.all_special_tokens),
-            unk_token=tokenizer.unk_token if tokenizer.unk_token is not None else "<unk>",
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            add_bos_token=add_bos_token,
-            add_eos_token=add_eos_token,
-            legacy=legacy,
-        )
-
-    def __getstate__(self) -> dict:
-        # The SentencePiece processor is rebuilt from the proto (pickling for data-loader workers, deep copies).
-        state = self.__dict__.copy()
-        for key in ("sp_model", "_split_pattern", "unk_token_length"):
-            state.pop(key, None)
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._build()
-
-    def __deepcopy__(self, memo: dict) -> "SentencePieceLlamaEncoder":
-        # Immutable after construction.
-        return self
-
-    @property
-    def vocab_size(self) -> int:
-        """Number of SentencePiece pieces."""
-        return self.sp_model.get_piece_size()
-
-    def _sp_tokenize(self, text: str) -> list[str]:
-        tokens = self.sp_model.encode(text, out_type=str)
-        if self.legacy or not text.startswith((SPIECE_UNDERLINE, " ")):
-            return tokens
-        # Without the dummy prefix SentencePiece would drop a leading "▁": encode behind the unk string, then cut it.
-        tokens = self.sp_model.encode(self.unk_token + text, out_type=str)
-        return tokens[self.unk_token_length :] if len(tokens) >= self.unk_token_length else tokens
-
-    def _split_added_tokens(self, text: str) -> list[str]:
-        if self._split_pattern is None:
-            return [text]
-        pieces = []
-        position = 0
-        for match in self._split_pattern.finditer(text):
-            pieces.append(text[position : match.start()])
-            pieces.append(match.group())
-            position = match.end()
-        pieces.append(text[position:])
-        pieces = [piece for piece in pieces if piece != ""] or [""]
-        # AddedToken lstrip / rstrip / single_word, as the slow tokenizer applied them.
-        for i, piece in enumerate(pieces):
-            if piece not in self._added:
-                continue
-            token = self._added[piece][1]
-            left = pieces[i - 1] if i > 0 else None
-            right = pieces[i + 1] if i < len(pieces) - 1 else None
-            if token.rstrip and right:
-                pieces[i + 1] = right.lstrip()
-            if token.lstrip and left:
-                pieces[i - 1] = left.rstrip()
-            if token.single_word and left and left[-1] != " ":
-                pieces[i - 1] += piece
-                pieces[i] = ""
-            elif token.single_word and right and right[0] != " ":
-                pieces[i] += right
-                pieces[i + 1] = ""
-        return pieces
-
-    def _tokenize_pieces(self, text: str) -> list[str]:
-        tokens = []
-        for piece in self._split_added_tokens(text):
-            if not piece:
-                continue
-            if piece in self._added:
-                tokens.append(piece)
-            else:
-                tokens.extend(self._sp_tokenize(piece))
-        return tokens
-
-    def tokenize(self, text: str) -> list[str]:
-        """
-        Splits a text into tokens (SentencePiece pieces and added-token strings), as the slow tokenizer's `tokenize`.
-
-        Args:
-            text (`str`):
-                The text.
-
-        Returns:
-            `list[str]`: The tokens.
-        """
-        if self.legacy or len(text) == 0:
-            return self._tokenize_pieces(text)
-        tokens = self._tokenize_pieces(SPIECE_UNDERLINE + text.replace(SPIECE_UNDERLINE, " "))
-        if len(tokens) > 1 and tokens[0] == SPIECE_UNDERLINE and tokens[1] in self.special_tokens:
-            tokens = tokens[1:]
-        return tokens
-
-    def convert_tokens_to_ids(self, tokens: list[str]) -> list[int]:
-        """
-        Converts tokens to ids (added tokens first, then SentencePiece pieces).
-
-        Args:
-            tokens (`list[str]`):
-                Tokens from [`~SentencePieceLlamaEncoder.tokenize`].
-
-        Returns:
-            `list[int]`: The ids.
-        """
-        return [self._added[t][0] if t in self._added else self.sp_model.piece_to_id(t) for t in tokens]
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """
-        Encodes a text as the slow tokenizer's `tokenizer(text).input_ids`.
-
-        Args:
-            text (`str`):
-                The text.
-            add_special_tokens (`bool`, *optional*, defaults to `True`):
-                Whether to add the BOS (and EOS, if configured) ids.
-
-        Returns:
-            `list[int]`: The ids.
-        """
-        ids = self.convert_tokens_to_ids(self.tokenize(text))
-        if add_special_tokens:
-            if self.add_bos_token and self.bos_token_id is not None:
-                ids = [self.bos_token_id] + ids
-            if self.add_eos_token and self.eos_token_id is not None:
-                ids = ids + [self.eos_token_id]
-        return ids
-
-
-def tokenize_prompt_with_images(
-    tokenizer: Any,
-    text: str,
-    image_token_id: int,
-    image_token: str = IMAGE_TOKEN,
-    add_special_tokens: bool = True,
-) -> list[int]:
-    """
-    Tokenises a prompt with `<image>` placeholders as the original `tokenizer_image_token`.
-
-    The text is split at every placeholder and each chunk is encoded on its own (each with its BOS). If the first
-    chunk starts with the BOS id, that one BOS is kept and the first token of every chunk after it is dropped; the
-    chunks are joined by one `image_token_id` each (the original used -200).
-
-    Args:
-        tokenizer:
-            What encodes each chunk: an object with `encode(text, add_special_tokens=...) -> list[int]` and
-            `bos_token_id`, e.g. [`SliMEProcessor.prompt_encoder`] ([`SentencePieceLlamaEncoder`] for SentencePiece
-            tokenizers, exact; a transformers tokenizer for byte-level BPE ones).
-        text (`str`):
-            The prompt.
-        image_token_id (`int`):
-            The id written at each placeholder.
-        image_token (`str`, *optional*, defaults to `"<image>"`):
-            The placeholder string.
-        add_special_tokens (`bool`, *optional*, defaults to `True`):
-            Whether chunks are encoded with their special tokens (the original always did).
-
-    Returns:
-        `list[int]`: The prompt ids, one `image_token_id` per placeholder.
-    """
-    chunks = [tokenizer.encode(chunk, add_special_tokens=add_special_tokens) for chunk in text.split(image_token)]
-    bos_token_id = getattr(tokenizer, "bos_token_id", None)
-    input_ids = []
-    offset = 0
-    if chunks and chunks[0] and bos_token_id is not None and chunks[0][0] == bos_token_id:
-        offset = 1
-        input_ids.append(chunks[0][0])
-    for i, chunk in enumerate(chunks):
-        if i > 0:
-            input_ids.append(image_token_id)
-        input_ids.extend(chunk[offset:])
-    return input_ids
-
-
-def _is_tiktoken_file(data: bytes) -> bool:
-    """Whether a file's bytes are a tiktoken vocabulary (Llama-3's `tokenizer.model`): lines `<base64 token> <rank>`."""
-    import base64
-
-    lines = data.splitlines()[:100]
-    try:
-        for line in lines:
-            token, rank = line.split()
-            base64.b64decode(token, validate=True)
-            int(rank)
-    except ValueError:  # also binascii.Error
-        return False
-    return bool(lines)
-
-
-def _load_sentencepiece_proto(path: str | None) -> bytes | None:
-    """The file's bytes if it is a SentencePiece model; None if there is no file or it is Llama-3's tiktoken
-    `tokenizer.model`. Anything else (corrupt, truncated, empty) is a `ValueError` naming the file: transformers would
-    otherwise build a wrong tokenizer from it, or ask for tiktoken."""
-    if not path or not os.path.isfile(path):
-        return None
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        import sentencepiece as spm
-    except ImportError:
-        return None
-    try:
-        spm.SentencePieceProcessor().LoadFromSerializedProto(data)
-    except Exception:
-        if _is_tiktoken_file(data):
-            return None
-        content = "empty" if not data else f"{len(data)} bytes that do not parse"
-        raise ValueError(
-            f"{path} is not a valid SentencePiece model ({content}): the file is corrupt or truncated; restore it "
-            "from the original checkpoint"
-        ) from None
-    return data
-
-
 def _common_prefix_length(a: list[int], b: list[int]) -> int:
     length = 0
     for x, y in zip(a, b):
@@ -561,27 +230,83 @@ def _read_json(path: str | None) -> dict:
         return json.load(f)
 
 
+def _resolve_file(path: str, file_kwargs: dict, filename: str) -> str | None:
+    """The local path of one file of a folder or Hub repo, or `None` where it has none."""
+    return cached_file(
+        path,
+        filename,
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+        **file_kwargs,
+    )
+
+
+def _choose_chat_template(
+    chat_template: str | dict[str, str] | None, name: str | None, tokenizer: PreTrainedTokenizerBase
+) -> str | dict[str, str]:
+    """
+    The processor's chat templates: the saved (or given) ones, or those chosen from the tokenizer (Llama-3 special
+    tokens -> `llama3`, else `vicuna_v1`); `name` makes one of them (or of [`CHAT_TEMPLATES`]) the default.
+    """
+    if chat_template is None or (name is not None and not isinstance(chat_template, dict)):
+        return chat_templates_for(tokenizer, default=name)
+    if name is None:
+        return chat_template
+    if name not in CHAT_TEMPLATES and name not in chat_template:
+        raise ValueError(f"Unknown SliME chat template {name!r}; choose one of {sorted(CHAT_TEMPLATES)}.")
+    chat_template = dict(chat_template)
+    chat_template.setdefault(name, CHAT_TEMPLATES.get(name))
+    chat_template["default"] = chat_template[name]
+    return chat_template
+
+
 def _is_tokenizer_option(key: str) -> bool:
     """Whether a `from_pretrained` kwarg is for the tokenizer: a special token (`cls_token`, ...) or a tokenizer
     option of [`_TOKENIZER_OPTIONS`]."""
     return key in _TOKENIZER_OPTIONS or key in PreTrainedTokenizerBase.SPECIAL_TOKENS_ATTRIBUTES
 
 
-def _is_sentencepiece_style(tokenizer: PreTrainedTokenizerBase) -> bool:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return False
-    try:
-        return "Metaspace" in backend.to_str() or SPIECE_UNDERLINE in json.dumps(
-            json.loads(backend.to_str()).get("normalizer")
-        )
-    except Exception:
-        return False
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Processor
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+class _TextOptions(NamedTuple):
+    """The text options of one `SliMEProcessor.__call__`, with SliME's defaults, checked."""
+
+    padding: bool | str
+    padding_side: str
+    return_tensors: str | None
+    add_special_tokens: bool
+    max_length: int | None
+    pad_to_multiple_of: int | None
+    return_attention_mask: bool
+    truncation: bool
+
+    @classmethod
+    def from_kwargs(cls, text_kwargs: dict) -> "_TextOptions":
+        max_length = text_kwargs.get("max_length")
+        truncation = text_kwargs.get("truncation")
+        if truncation not in (None, False, True, "do_not_truncate", "longest_first", "only_first"):
+            raise ValueError(f"SliMEProcessor truncates the text at the end only; got truncation={truncation!r}.")
+        truncation = truncation not in (None, False, "do_not_truncate")
+        if truncation and max_length is None:
+            raise ValueError("truncation=True needs max_length (the number of text ids to keep).")
+        if max_length is not None and (
+            isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 1
+        ):
+            raise ValueError(f"max_length must be a positive integer, got {max_length!r}.")
+        return cls(
+            padding=text_kwargs.get("padding", True),
+            padding_side=text_kwargs.get("padding_side") or "left",
+            return_tensors=text_kwargs.get("return_tensors"),
+            add_special_tokens=text_kwargs.get("add_special_tokens", True),
+            max_length=max_length,
+            pad_to_multiple_of=text_kwargs.get("pad_to_multiple_of"),
+            return_attention_mask=text_kwargs.get("return_attention_mask", True),
+            truncation=truncation,
+        )
+
 
 _IMAGE_PROCESSOR_CLASSES = {
     SliMEImageProcessorPil.__name__: SliMEImageProcessorPil,
@@ -702,10 +427,10 @@ class SliMEProcessor(ProcessorMixin):
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
         self._sentencepiece_encoder = None
         vocab_file = getattr(tokenizer, "vocab_file", None) or tokenizer.init_kwargs.get("vocab_file")
-        model_proto = _load_sentencepiece_proto(vocab_file) if isinstance(vocab_file, str) else None
+        model_proto = load_sentencepiece_proto(vocab_file) if isinstance(vocab_file, str) else None
         if model_proto is not None:
             self.set_sentencepiece_model(model_proto)
-        elif _is_sentencepiece_style(tokenizer):
+        elif is_sentencepiece_style(tokenizer):
             logger.warning(
                 "The tokenizer is SentencePiece-style but its tokenizer.model was not found: prompts are tokenised by "
                 "the transformers tokenizer, whose ids can differ from the original SliME ids (e.g. around <image>)."
@@ -961,60 +686,59 @@ class SliMEProcessor(ProcessorMixin):
         images_kwargs = merged["images_kwargs"]
         # One `BatchFeature`, one tensor type: the image processor gets the text's.
         images_kwargs.pop("return_tensors", None)
-        padding = text_kwargs.get("padding", True)
-        padding_side = text_kwargs.get("padding_side") or "left"
-        return_tensors = text_kwargs.get("return_tensors")
-        add_special_tokens = text_kwargs.get("add_special_tokens", True)
-        max_length = text_kwargs.get("max_length")
-        pad_to_multiple_of = text_kwargs.get("pad_to_multiple_of")
-        return_attention_mask = text_kwargs.get("return_attention_mask", True)
-        truncation = text_kwargs.get("truncation")
-        if truncation not in (None, False, True, "do_not_truncate", "longest_first", "only_first"):
-            raise ValueError(f"SliMEProcessor truncates the text at the end only; got truncation={truncation!r}.")
-        truncation = truncation not in (None, False, "do_not_truncate")
-        if truncation and max_length is None:
-            raise ValueError("truncation=True needs max_length (the number of text ids to keep).")
-        if max_length is not None and (
-            isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 1
-        ):
-            raise ValueError(f"max_length must be a positive integer, got {max_length!r}.")
+        options = _TextOptions.from_kwargs(text_kwargs)
         if text is None and images is None:
             raise ValueError("Give text, images, or both.")
-        if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
+        if options.padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {options.padding_side!r}.")
 
         data = {}
         if text is not None:
-            texts = [text] if isinstance(text, str) else list(text)
-            if not texts or not all(isinstance(t, str) for t in texts):
-                raise ValueError("text must be a string or a non-empty list of strings.")
-            placeholders = [t.count(self.image_token) for t in texts]
-            for i, (sample, count) in enumerate(zip(texts, placeholders)):
-                if count == 0 and not sample.strip():
-                    which = f"Prompt {i}" if len(texts) > 1 else "The prompt"
-                    raise ValueError(f"{which} is empty (or whitespace only) and has no image.")
+            texts, placeholders = self._check_texts(text)
             flat_images = self._flatten_images(images, placeholders)
             if len(flat_images) != sum(placeholders):
                 raise ValueError(
                     f"The text has {sum(placeholders)} {self.image_token} placeholder(s) but {len(flat_images)} "
                     "image(s) were given; give one image per placeholder."
                 )
-            ids = [self.tokenize_prompt(t, add_special_tokens=add_special_tokens) for t in texts]
-            if truncation:
-                ids = [self._truncate(row, max_length, i, len(ids)) for i, row in enumerate(ids)]
-            data.update(
-                self._pad(ids, padding, padding_side, max_length, pad_to_multiple_of, return_tensors is not None)
-            )
-            if not return_attention_mask:
-                data.pop("attention_mask")
+            data.update(self._encode_texts(texts, options))
         else:
             flat_images = self._flatten_images(images, None)
 
         if flat_images:
             # Paths, URLs and bytes are opened by the image processor (with its checks and mode conversions).
-            image_inputs = self.image_processor(flat_images, return_tensors=return_tensors, **images_kwargs)
+            image_inputs = self.image_processor(flat_images, return_tensors=options.return_tensors, **images_kwargs)
             data.update(image_inputs)
-        return BatchFeature(data=data, tensor_type=return_tensors)
+        return BatchFeature(data=data, tensor_type=options.return_tensors)
+
+    def _check_texts(self, text: str | list[str]) -> tuple[list[str], list[int]]:
+        """The prompts as a list and their placeholder counts; an empty prompt without an image is a `ValueError`."""
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise ValueError("text must be a string or a non-empty list of strings.")
+        placeholders = [t.count(self.image_token) for t in texts]
+        for i, (sample, count) in enumerate(zip(texts, placeholders)):
+            if count == 0 and not sample.strip():
+                which = f"Prompt {i}" if len(texts) > 1 else "The prompt"
+                raise ValueError(f"{which} is empty (or whitespace only) and has no image.")
+        return texts, placeholders
+
+    def _encode_texts(self, texts: list[str], options: "_TextOptions") -> dict[str, list]:
+        """`input_ids` (and `attention_mask`) of the prompts: tokenised exactly, truncated and padded as asked."""
+        ids = [self.tokenize_prompt(t, add_special_tokens=options.add_special_tokens) for t in texts]
+        if options.truncation:
+            ids = [self._truncate(row, options.max_length, i, len(ids)) for i, row in enumerate(ids)]
+        data = self._pad(
+            ids,
+            options.padding,
+            options.padding_side,
+            options.max_length,
+            options.pad_to_multiple_of,
+            options.return_tensors is not None,
+        )
+        if not options.return_attention_mask:
+            data.pop("attention_mask")
+        return data
 
     def _merge_call_kwargs(self, kwargs: dict) -> dict[str, dict]:
         """
@@ -1196,15 +920,7 @@ class SliMEProcessor(ProcessorMixin):
             kwargs.pop(key, None)
         path = str(pretrained_model_name_or_path)
         file_kwargs = {k: v for k, v in hub_kwargs.items() if k not in ("trust_remote_code", "code_revision")}
-
-        def resolve(filename: str) -> str | None:
-            return cached_file(
-                path,
-                filename,
-                _raise_exceptions_for_missing_entries=False,
-                _raise_exceptions_for_connection_errors=False,
-                **file_kwargs,
-            )
+        resolve = functools.partial(_resolve_file, path, file_kwargs)
 
         has_processor_config = resolve(_PROCESSOR_CONFIG_FILE) is not None
         processor_dict = {}
@@ -1213,7 +929,7 @@ class SliMEProcessor(ProcessorMixin):
 
         # Checked before the tokenizer is built from it: a corrupt tokenizer.model is an error naming the file.
         model_file = resolve(SENTENCEPIECE_MODEL_FILE)
-        model_proto = _load_sentencepiece_proto(model_file)
+        model_proto = load_sentencepiece_proto(model_file)
         tokenizer = kwargs.pop("tokenizer", None)
         if tokenizer is None:
             tokenizer_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if _is_tokenizer_option(key)}
@@ -1231,17 +947,9 @@ class SliMEProcessor(ProcessorMixin):
             config_file = resolve(_TOKENIZER_CONFIG_FILE)
             legacy = bool(_read_json(config_file).get("legacy", True))
 
-        chat_template = kwargs.pop("chat_template", processor_dict.get("chat_template"))
-        if chat_template is None or (chat_template_name is not None and not isinstance(chat_template, dict)):
-            chat_template = chat_templates_for(tokenizer, default=chat_template_name)
-        elif chat_template_name is not None:
-            if chat_template_name not in CHAT_TEMPLATES and chat_template_name not in chat_template:
-                raise ValueError(
-                    f"Unknown SliME chat template {chat_template_name!r}; choose one of {sorted(CHAT_TEMPLATES)}."
-                )
-            chat_template = dict(chat_template)
-            chat_template.setdefault(chat_template_name, CHAT_TEMPLATES.get(chat_template_name))
-            chat_template["default"] = chat_template[chat_template_name]
+        chat_template = _choose_chat_template(
+            kwargs.pop("chat_template", processor_dict.get("chat_template")), chat_template_name, tokenizer
+        )
 
         init_kwargs = {"image_token": processor_dict.get("image_token", IMAGE_TOKEN)}
         # As `ProcessorMixin.from_pretrained`, other kwargs are ignored: `pipeline(...)` passes the model's loading

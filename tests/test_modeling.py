@@ -248,6 +248,7 @@ def test_saved_folder_holds_only_package_names(original_models, tmp_path):
         "modeling_slime.py",
         "image_processing_slime.py",
         "processing_slime.py",
+        "tokenization_slime.py",
     ):
         assert (tmp_path / code_file).is_file()
     config = (tmp_path / "config.json").read_text()

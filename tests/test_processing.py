@@ -492,7 +492,7 @@ def test_save_and_reload_in_fresh_process(processors, tmp_path):
         assert config["sentencepiece_legacy"] is (False if variant == "V" else None)
         if SliMEProcessor._auto_class is not None:
             assert config["auto_map"]["AutoProcessor"] == "processing_slime.SliMEProcessor"
-            assert {"processing_slime.py", "image_processing_slime.py"} <= files
+            assert {"processing_slime.py", "tokenization_slime.py", "image_processing_slime.py"} <= files
 
     hows = ["class", "auto"] if SliMEProcessor._auto_class is not None else ["class"]
     for how in hows:

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import FIXTURES
 from slime_hf import SliMEProcessor
-from slime_hf.processing_slime import _load_sentencepiece_proto
+from slime_hf.tokenization_slime import load_sentencepiece_proto
 
 
 CHECKPOINT = FIXTURES / "V" / "checkpoint"
@@ -63,6 +63,6 @@ def test_a_tiktoken_tokenizer_model_is_not_sentencepiece_and_not_an_error(tmp_pa
     """Llama-3 ships a tiktoken vocabulary as tokenizer.model: not SentencePiece, not corrupt."""
     path = tmp_path / "tokenizer.model"
     path.write_bytes(b"".join(base64.b64encode(bytes([i])) + b" %d\n" % i for i in range(256)))
-    assert _load_sentencepiece_proto(str(path)) is None
+    assert load_sentencepiece_proto(str(path)) is None
     original = CHECKPOINT / "tokenizer.model"
-    assert _load_sentencepiece_proto(str(original)) == original.read_bytes()
+    assert load_sentencepiece_proto(str(original)) == original.read_bytes()
