@@ -230,7 +230,17 @@ def _rename_all(
 KNOWN_VISION_TOWERS = {
     "openai/clip-vit-large-patch14-336": CLIP_VIT_L_336,
 }
-# The multimodal and training fields of the authors' `config.json`; every other field is the language model's.
+# Fields of `config.json` that describe a file rather than the model.
+CONFIG_BOOKKEEPING_FIELDS = (
+    "architectures",
+    "model_type",
+    "_name_or_path",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+)
+# The multimodal, training and bookkeeping fields of the authors' `config.json`; every other field is the language
+# model's.
 ORIGINAL_MM_FIELDS = (
     "mm_vision_tower",
     "mm_hidden_size",
@@ -256,24 +266,10 @@ ORIGINAL_MM_FIELDS = (
     "mm_use_im_start_end",
     "mm_use_im_patch_token",
     "mm_projector_lr",
-    "architectures",
-    "model_type",
-    "_name_or_path",
-    "transformers_version",
-    "torch_dtype",
-    "dtype",
+    *CONFIG_BOOKKEEPING_FIELDS,
     "vision_tower",
     "mm_vision_tower_lr",
     "unfreeze_mm_vision_tower",
-)
-# Fields of `config.json` that describe a file rather than the model.
-CONFIG_BOOKKEEPING_FIELDS = (
-    "architectures",
-    "model_type",
-    "_name_or_path",
-    "transformers_version",
-    "torch_dtype",
-    "dtype",
 )
 # The authors' field -> (`SliMEConfig` field, the original's default). `seperator` is the original's spelling.
 ORIGINAL_CONFIG_NAMES = {

@@ -1,16 +1,14 @@
-"""conversion/convert_slime_to_hf.py and slime_hf.checkpoints on the fixtures' checkpoints in the released layouts."""
+"""The converter (`slime_hf.conversion`, `conversion/convert_slime_to_hf.py`) and `slime_hf.checkpoints`
+on the fixtures' checkpoints in the released layouts."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
-import os
 import re
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,20 +19,19 @@ from safetensors.torch import load_file, save_file
 
 import golden_utils as gu
 from conftest import FIXTURES, PROJECT_ROOT
+from helpers import make_base_llm, run_hidden, run_python
 from slime_hf import SliMEConfig, SliMEForConditionalGeneration
 from slime_hf.checkpoints import (
     ADAPTER_PREFIXES,
     ADAPTER_WEIGHTS_NAME,
     adapter_parts,
-    config_from_original,
     detect_checkpoint_kind,
     load_adapter_weights,
     load_non_lora_trainables,
-    load_original_state_dict,
     rename_original_state_dict,
     save_adapter_weights,
 )
-from test_remote_code import HIDE_PACKAGE, run_hidden
+from slime_hf.conversion.staging import STAGING_MARKER
 
 
 SCRIPT = PROJECT_ROOT / "conversion" / "convert_slime_to_hf.py"
@@ -45,11 +42,9 @@ BF16_LOGITS_TOL = 0.05  # times max(1, max |logit|); measured 0.027 and 0.063 fo
 
 @pytest.fixture(scope="module")
 def converter():
-    spec = importlib.util.spec_from_file_location("convert_slime_to_hf", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    import slime_hf.conversion
+
+    return slime_hf.conversion
 
 
 def _original_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -73,31 +68,9 @@ def _no_leftovers(parent: Path, name: str) -> bool:
 
 
 def build_base_llm(variant: str, folder: Path) -> Path:
-    """The fixture checkpoint's language model alone, as a plain `LlamaForCausalLM` folder with the tokenizer."""
-    from transformers import LlamaForCausalLM
-
-    checkpoint = gu.checkpoint_dir(variant)
-    config, _ = config_from_original(json.loads((checkpoint / "config.json").read_text()), str(checkpoint))
-    state_dict = load_original_state_dict(str(checkpoint))
-    llm = {
-        "model." + k.removeprefix("model.language_model."): v
-        for k, v in state_dict.items()
-        if k.startswith("model.language_model.")
-    }
-    llm["lm_head.weight"] = state_dict["lm_head.weight"]
-    model = LlamaForCausalLM(config.text_config)
-    model.load_state_dict(llm, strict=True)
-    model.save_pretrained(folder)
-    for name in (
-        "tokenizer.model",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "generation_config.json",
-    ):
-        if (checkpoint / name).is_file():
-            shutil.copyfile(checkpoint / name, folder / name)
-    return folder
+    """The fixture checkpoint's language model alone, as a plain `LlamaForCausalLM` folder with the tokenizer and the
+    release's generation config."""
+    return make_base_llm(variant, folder, generation_config=True)
 
 
 def _case_inputs(variant: str, name: str, image_token_id: int) -> dict:
@@ -114,9 +87,7 @@ def _case_inputs(variant: str, name: str, image_token_id: int) -> dict:
 # -------------------------------------------------------------------------------------------------------------
 # Full checkpoints: every golden case through the Auto classes, without slime_hf
 # -------------------------------------------------------------------------------------------------------------
-GOLDEN_SCRIPT = (
-    HIDE_PACKAGE
-    + """
+GOLDEN_SCRIPT = """
 import json
 import torch
 sys.path.insert(0, sys.argv[2])
@@ -145,7 +116,6 @@ for variant, folder in json.loads(sys.argv[1]).items():
         }
 print(json.dumps(results))
 """
-)
 
 
 @pytest.mark.slow
@@ -183,6 +153,7 @@ def test_converted_releases_reproduce_every_golden_case(converter, tmp_path):
             "configuration_slime.py",
             "modeling_slime.py",
             "processing_slime.py",
+            "tokenization_slime.py",
             "image_processing_slime.py",
         } <= files
         assert ("model.safetensors.index.json" in files) == (variant == "L")
@@ -274,7 +245,7 @@ def test_a_converted_release_card_names_the_release_and_links_its_licence(conver
     from slime_hf.model_card import RELEASES
 
     release = RELEASES["yifanzhang114/SliME-vicuna-7B"]
-    monkeypatch.setattr(converter, "match_release", lambda *shape: release)
+    monkeypatch.setattr("slime_hf.conversion.inputs.match_release", lambda *shape: release)
     output = tmp_path / "SliME-vicuna-7B-hf"
     assert converter.main(["--input", str(gu.checkpoint_dir("V")), "--output", str(output), "--no-verify"]) == 0
     card = (output / "README.md").read_text()
@@ -639,34 +610,25 @@ def test_a_plain_language_model_is_not_a_release(converter, tmp_path, capsys):
 
 
 KILL_AFTER_WRITING = """
-import importlib.util, os, signal, sys
-spec = importlib.util.spec_from_file_location("convert_slime_to_hf", sys.argv[1])
-module = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = module
-spec.loader.exec_module(module)
-write_output = module.write_output
+import os, signal, sys
+from slime_hf.conversion import cli
+write_output = cli.write_output
 
 def killed(conversion, staging, args):
     write_output(conversion, staging, args)
-    os.kill(os.getpid(), getattr(signal, sys.argv[2]))  # the staging folder is full, nothing is moved into place
+    os.kill(os.getpid(), getattr(signal, sys.argv[1]))  # the staging folder is full, nothing is moved into place
 
-module.write_output = killed
-sys.exit(module.main(sys.argv[3:]))
+cli.write_output = killed
+sys.exit(cli.main(sys.argv[2:]))
 """
 
 
 def test_a_killed_conversion_leaves_a_staging_folder_that_the_next_run_removes(converter, tmp_path, caplog):
     argv = ["--input", str(gu.checkpoint_dir("V")), "--no-verify"]
-    env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT), HF_HUB_OFFLINE="1")
 
     def run_killed(signal_name: str, output: Path) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-c", KILL_AFTER_WRITING, str(SCRIPT), signal_name, *argv, "--output", str(output)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        command = ["-c", KILL_AFTER_WRITING, signal_name, *argv, "--output", str(output)]
+        return run_python(*command, cwd=tmp_path, timeout=300, check=False)
 
     # SIGTERM unwinds: the staging folder is removed at once.
     terminated = run_killed("SIGTERM", tmp_path / "term")
@@ -687,7 +649,7 @@ def test_a_killed_conversion_leaves_a_staging_folder_that_the_next_run_removes(c
     assert f"removed {stale[0]} (" in caplog.text and "left by an interrupted conversion" in caplog.text
     assert f"{foreign} looks like a conversion's staging folder" in caplog.text
     assert not stale[0].exists() and (foreign / "keep.txt").read_text() == "mine"
-    assert output.is_dir() and not (output / converter.STAGING_MARKER).exists()
+    assert output.is_dir() and not (output / STAGING_MARKER).exists()
 
 
 @pytest.mark.slow
@@ -701,7 +663,7 @@ def test_failed_verification_exits_non_zero_and_leaves_nothing(converter, tmp_pa
         planned.load = lambda: load() + 0.05  # what a wrong rename or cast would do
         return conversion
 
-    monkeypatch.setattr(converter, "prepare", tampered)
+    monkeypatch.setattr("slime_hf.conversion.cli.prepare", tampered)
     output = tmp_path / "out"
     assert converter.main(["--input", str(gu.checkpoint_dir("V")), "--output", str(output)]) == 1
     assert "last-position logits differ by" in capsys.readouterr().err
@@ -878,28 +840,8 @@ def build_big_checkpoint(folder: Path, hidden: int = 1024, layers: int = 8) -> i
 @pytest.mark.slow
 def test_streaming_conversion_peak_memory(tmp_path):
     size = build_big_checkpoint(tmp_path / "big")
-    env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            MEMORY_SCRIPT,
-            str(SCRIPT),
-            "--input",
-            str(tmp_path / "big"),
-            "--output",
-            str(tmp_path / "out"),
-            "--no-verify",
-            "--max-shard-size",
-            "100MB",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    arguments = ["--input", str(tmp_path / "big"), "--output", str(tmp_path / "out"), "--no-verify"]
+    result = run_python("-c", MEMORY_SCRIPT, str(SCRIPT), *arguments, "--max-shard-size", "100MB", cwd=tmp_path)
     before, peak = map(float, result.stdout.split()[-2:])
     size_mb = size / 2**20
     print(

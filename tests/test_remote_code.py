@@ -2,38 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import golden_utils as gu
-from conftest import FIXTURES, PROJECT_ROOT
-from slime_hf import SliMEForConditionalGeneration, SliMEProcessor
+from conftest import FIXTURES
+from helpers import run_hidden, save_checkpoint
 
 
-def _converter_hide_package() -> str:
-    """The converter's verification runs with `slime_hf` hidden; the tests hide it the same way."""
-    import importlib.util
-
-    script = PROJECT_ROOT / "conversion" / "convert_slime_to_hf.py"
-    spec = importlib.util.spec_from_file_location("convert_slime_to_hf", script)
-    module = sys.modules.get(spec.name)
-    if module is None:
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
-        spec.loader.exec_module(module)
-    return module.HIDE_PACKAGE
-
-
-HIDE_PACKAGE = _converter_hide_package()
-
-REMOTE_SCRIPT = (
-    HIDE_PACKAGE
-    + """
+REMOTE_SCRIPT = """
 import json
 import torch
 from PIL import Image
@@ -79,26 +56,11 @@ print(json.dumps({
     "new_ids": generated[0, inputs["input_ids"].shape[1]:].tolist(),
 }))
 """
-)
-
-
-def run_hidden(script: str, *args: str, cwd) -> dict:
-    """Runs a script in a fresh Python where `slime_hf` cannot be imported; returns its last JSON line."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(cwd / "hf_modules"), TRANSFORMERS_VERBOSITY="error")
-    result = subprocess.run(
-        [sys.executable, "-c", script, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("variant", ["V", "L"])
 def test_auto_classes_load_a_saved_folder_without_the_package(variant, tmp_path):
-    checkpoint = gu.checkpoint_dir(variant)
-    folder = tmp_path / "saved"
-    SliMEForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).save_pretrained(folder)
-    SliMEProcessor.from_pretrained(checkpoint).save_pretrained(folder)
+    folder = save_checkpoint(variant, tmp_path / "saved")
 
     golden = gu.case(variant, "single_3crop")
     image = FIXTURES / golden["image_files"][0]
@@ -119,3 +81,34 @@ def test_auto_classes_load_a_saved_folder_without_the_package(variant, tmp_path)
     assert out["tuple_logits_equal"]
     assert out["assisted_new_ids"] == golden["generated_new_ids"][0]
     assert out["empty_media_ids_equal"]
+
+
+AUTHORS_LAYOUT_SCRIPT = """
+import json
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+code_folder, checkpoint = sys.argv[1], sys.argv[2]
+model_class = get_class_from_dynamic_module("modeling_slime.SliMEForConditionalGeneration", code_folder)
+try:
+    model_class.from_pretrained(checkpoint)
+    outcome = {"error": None}
+except ValueError as error:
+    outcome = {"error": str(error)}
+print(json.dumps(outcome))
+"""
+
+
+def test_remote_code_names_the_package_for_a_checkpoint_in_the_authors_layout(tmp_path):
+    """The remote code alone loads saved folders; a checkpoint in the authors' layout needs the installed package,
+    and says so in one clear error."""
+    from slime_hf import SliMEConfig
+    from slime_hf.modeling_slime import copy_remote_code
+
+    code_folder = tmp_path / "code"
+    code_folder.mkdir()
+    SliMEConfig().save_pretrained(code_folder)
+    copy_remote_code(str(code_folder))
+    out = run_hidden(AUTHORS_LAYOUT_SCRIPT, str(code_folder), str(gu.checkpoint_dir("V")), cwd=tmp_path)
+    assert out["error"] is not None
+    assert "model_type 'llava_llama'" in out["error"] and "slime_hf package" in out["error"]
+    assert "not installed" in out["error"]
