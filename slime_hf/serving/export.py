@@ -52,21 +52,25 @@ def export_language_model(model, folder: str | os.PathLike, tokenizer=None) -> P
         )
     decoder.load_state_dict(state, assign=True, strict=True)
     decoder.config.tie_word_embeddings = False  # lm_head is saved as its own tensor
-    decoder.generation_config.eos_token_id = model.config.text_config.eos_token_id
+    # vLLM stops at the ids of the folder's generation config: the ones SliME's generate stops at
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    decoder.generation_config.eos_token_id = eos if eos is not None else text_config.eos_token_id
     decoder.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     return folder
 
 
-def export_cache_key(model_path: str | os.PathLike, revision: str | None = None) -> str:
-    """A folder name for the export of a model: its name, then a hash of its location and revision (a local folder's
-    revision is the size and modification time of its config and weight files, so a rewritten folder re-exports)."""
+def export_cache_key(model_path: str | os.PathLike, revision: str | None = None, dtype: str = "") -> str:
+    """A folder name for the export of a model: its name, then a hash of its location, revision and export dtype (a
+    local folder's revision is the size and modification time of its config and weight files, so a rewritten folder
+    re-exports)."""
     path = Path(model_path)
     if revision is None and path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".safetensors", ".bin"))
         revision = ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
-    digest = hashlib.sha256(f"{EXPORT_FORMAT}|{path.resolve() if path.is_dir() else model_path}|{revision}".encode())
+    location = path.resolve() if path.is_dir() else model_path
+    digest = hashlib.sha256(f"{EXPORT_FORMAT}|{location}|{revision}|{dtype}".encode())
     name = "".join(c if c.isalnum() or c in "-_." else "-" for c in path.name or str(model_path))[:64]
     return f"{name}-{digest.hexdigest()[:16]}"
 

@@ -43,7 +43,10 @@ class ServeOptions:
 
 def resolve_model_folder(model: str, revision: str | None) -> tuple[Path, str | None]:
     """A local folder as it is; a Hub id downloaded (its snapshot folder names the commit, the cache key's revision)."""
-    if os.path.isdir(model):
+    from ..checkpoints import read_slime_config
+
+    if os.path.isdir(model) or os.path.isabs(model) or model.startswith((".", "~")):
+        read_slime_config(model)  # a missing folder, broken config.json or another model type, named by its path
         return Path(model), revision
     from huggingface_hub import snapshot_download
 
@@ -80,15 +83,19 @@ def build_state(options: ServeOptions):
     dtype = _torch_dtype(options.engine.dtype, folder)
     model = SliMEForConditionalGeneration.from_pretrained(folder, dtype=dtype).eval()
     processor = SliMEProcessor.from_pretrained(folder)
-    export_dir = options.export_dir or default_export_root() / export_cache_key(options.model, revision)
-    export_dir = cached_export(model, processor.tokenizer, export_dir, source=options.model)
-    # Only the front end stays here: vLLM holds the decoder layers and the head.
-    model.model.language_model.layers = torch.nn.ModuleList()
-    model.to(options.device)
-    limit = options.engine.max_model_len or model.config.text_config.max_position_embeddings
-    engine_options = EngineOptions(**{**options.engine.__dict__, "dtype": str(dtype).removeprefix("torch.")})
+    dtype_name = str(dtype).removeprefix("torch.")
+    key = export_cache_key(options.model, revision, dtype_name)
+    export_dir = options.export_dir or default_export_root() / key
+    export_dir = cached_export(model, processor.tokenizer, export_dir, options.model)
+    # Only the front end stays here (SliMEModel without its decoder layers): vLLM holds the layers and the head.
+    slime = model.model
+    slime.language_model.layers = torch.nn.ModuleList()
+    del model
+    slime.to(options.device)
+    limit = options.engine.max_model_len or slime.config.text_config.max_position_embeddings
+    engine_options = EngineOptions(**{**options.engine.__dict__, "dtype": dtype_name})
     engine_options.max_model_len = limit
-    frontend = FrontEnd(model, processor, limit, options.max_batch_size, options.max_wait_ms)
+    frontend = FrontEnd(slime, processor, limit, options.max_batch_size, options.max_wait_ms)
     return ServerState(
         model_name=options.served_model_name or (options.model.rstrip("/").split("/")[-1]),
         processor=processor,

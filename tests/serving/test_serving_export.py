@@ -30,4 +30,5 @@ def test_cached_export_is_reused_and_keyed_by_revision(tiny_model_dir, tmp_path)
     assert cached_export(model, None, folder, "tiny") == folder
     assert weights.stat().st_mtime_ns == stamp  # not written again
     assert export_cache_key("org/model", "abc") != export_cache_key("org/model", "def")
+    assert export_cache_key("org/model", "abc", "float32") != export_cache_key("org/model", "abc", "bfloat16")
     assert export_cache_key(tiny_model_dir) == export_cache_key(tiny_model_dir)
