@@ -6,6 +6,7 @@ import pandas as pd
 from lmms_eval.tasks._task_utils.file_utils import generate_submission_file
 from lmms_eval.tasks.mmbench.mmbench_evals import MMBench_Evaluator
 from loguru import logger
+from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
 
 from slime_hf.evaluation.tasks.protocol import OPTION_LETTER_PROMPT, mmbench_question
 
@@ -68,6 +69,8 @@ def _submission(results: list[dict], name: str, args) -> None:
     for column in _UPLOAD_COLUMNS:
         if column not in frame.columns:
             frame[column] = None
+    # Excel cells cannot hold control characters (an answer may contain some): they are left out of the upload file.
+    frame["prediction"] = [ILLEGAL_CHARACTERS_RE.sub("", str(p)) if p is not None else p for p in frame["prediction"]]
     path = generate_submission_file(f"{name}_dev_upload.xlsx", args)
     frame[_UPLOAD_COLUMNS].to_excel(path, index=False, engine="openpyxl")
     logger.info(f"{name} dev upload file (as convert_mmbench_for_submission.py) saved to {path}")
