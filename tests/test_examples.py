@@ -16,10 +16,10 @@ from PIL import Image
 
 import golden_utils as gu
 from conftest import FIXTURES, PROJECT_ROOT
+from helpers import run_hidden
 from slime_hf import SliMEForConditionalGeneration, SliMEProcessor
 from slime_hf.demo import DEMO_IMAGE, build_demo_model
 from slime_hf.image_processing_slime import get_slice_geometry, get_slice_grid
-from test_remote_code import HIDE_PACKAGE, run_hidden
 
 
 EXAMPLES = PROJECT_ROOT / "examples"
@@ -318,9 +318,7 @@ def test_pipeline_natively_reproduces_the_golden_greedy_ids(golden_folder):
     assert ids.tolist() == expected
 
 
-REMOTE_PIPELINE_SCRIPT = (
-    HIDE_PACKAGE
-    + """
+REMOTE_PIPELINE_SCRIPT = """
 import json
 import torch
 from PIL import Image
@@ -350,7 +348,6 @@ ids[ids == pipe.processor.image_token_id] = -200
 result["golden_ids"] = ids.tolist()
 print(json.dumps(result))
 """
-)
 
 
 def test_pipeline_with_remote_code_without_the_package(demo_folder, golden_folder, demo, tmp_path):

@@ -3,9 +3,6 @@
 import hashlib
 import io
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -13,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import python_env, run_python
 from slime_hf.image_processing_slime import (
     IMAGE_PROCESSOR_AUTO_MAP,
     MAX_VIEWS,
@@ -589,16 +587,9 @@ def test_auto_image_processor_remote_code_defaults_to_pil(tmp_path, common):
               tuple(out["pixel_values"].shape), out["image_sizes"].tolist())
         """
     )
-    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", PYTHONPATH="")
-    result = subprocess.run(
-        [sys.executable, "-c", script, str(model_dir), str(common / "images" / "wide_1344x672.png")],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    env = python_env(with_package=False, modules_cache=tmp_path / "modules")
+    image = common / "images" / "wide_1344x672.png"
+    result = run_python("-c", script, str(model_dir), str(image), cwd=tmp_path, env=env, timeout=120)
     assert result.stdout.split("\n")[-2] == (
         "SliMEImageProcessorPil transformers_modules SliMEImageProcessor (1, 7, 3, 336, 336) [[672, 1344]]"
     )

@@ -8,14 +8,13 @@ import pytest
 import torch
 
 import golden_utils as gu
+from helpers import save_checkpoint
 from slime_hf import SliMEForConditionalGeneration
 
 
 @pytest.fixture(scope="module")
 def saved_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("saved_V")
-    SliMEForConditionalGeneration.from_pretrained(gu.checkpoint_dir("V"), dtype=torch.float32).save_pretrained(folder)
-    return folder
+    return save_checkpoint("V", tmp_path_factory.mktemp("saved_V"), processor=False)
 
 
 def _golden_inputs(model, name: str = "single_3crop") -> tuple[dict, dict]:

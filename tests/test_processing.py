@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 from PIL import Image
 
-from conftest import FIXTURES, PROJECT_ROOT, VARIANTS
+from conftest import FIXTURES, VARIANTS
+from helpers import python_env, run_python
 from slime_hf.processing_slime import (
     CHAT_TEMPLATES,
     IMAGE_TOKEN,
@@ -459,22 +458,9 @@ _RELOAD_SCRIPT = textwrap.dedent(
 
 def _reload(how: str, folders: dict, tmp_path) -> dict:
     """Reloads saved folders in a fresh interpreter: by class (`how="class"`) or by remote code (`"auto"`)."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
-    env["TRANSFORMERS_VERBOSITY"] = "error"
-    if how == "class":
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
-    else:
-        env.pop("PYTHONPATH", None)
+    env = python_env(how == "class", modules_cache=tmp_path / "hf_modules", TRANSFORMERS_VERBOSITY="error")
     pairs = [str(item) for variant, folder in folders.items() for item in (variant, folder)]
-    result = subprocess.run(
-        [sys.executable, "-c", _RELOAD_SCRIPT, how, str(FIXTURES), *pairs],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=str(tmp_path),
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_python("-c", _RELOAD_SCRIPT, how, str(FIXTURES), *pairs, cwd=tmp_path, env=env)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 
-from conftest import FIXTURES, PROJECT_ROOT
+from conftest import FIXTURES
+from helpers import run_python
 from slime_hf.train import _resume_target, cli
 from slime_hf.training.trainer import CHECKPOINT_COMPLETE_NAME, last_complete_checkpoint
 from training_helpers import IMAGE_FOLDER
@@ -101,25 +99,8 @@ def test_bad_input_is_one_line_naming_the_problem(tmp_path, capsys, monkeypatch)
 
 
 def test_the_module_exits_with_status_2_and_no_traceback(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT), HF_HUB_OFFLINE="1")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "slime_hf.train",
-            "--model_name_or_path",
-            "./no_such_model",
-            "--data_path",
-            "data.json",
-            "--output_dir",
-            "out",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    arguments = ["--model_name_or_path", "./no_such_model", "--data_path", "data.json", "--output_dir", "out"]
+    result = run_python("-m", "slime_hf.train", *arguments, cwd=tmp_path, timeout=300, check=False)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "error: training data file not found: data.json" in result.stderr

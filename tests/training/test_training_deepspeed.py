@@ -18,7 +18,13 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import FIXTURES, PROJECT_ROOT
-from training_helpers import IMAGE_FOLDER, common_cli_args, make_two_process_workspace, run_train_cli, stage_1a_args
+from training_helpers import (
+    common_cli_args,
+    make_two_process_workspace,
+    run_train_cli,
+    stage_1a_args,
+    stage_3_args,
+)
 
 
 pytest.importorskip("deepspeed")
@@ -41,19 +47,6 @@ def stage_1a(workspace, fresh: bool = False) -> list[str]:
     """Stage 1a from the base LLM, with freshly initialised adapters or the fixture's."""
     given = [] if fresh else ["--pretrained_adapters", str(FIXTURES / "V" / "adapters")]
     return stage_1a_args(workspace, *given)
-
-
-def stage_3(workspace) -> list[str]:
-    return [
-        "--stage",
-        "3",
-        "--model_name_or_path",
-        str(FIXTURES / "V" / "checkpoint"),
-        "--data_path",
-        str(workspace / "sft2.json"),
-        "--image_folder",
-        str(IMAGE_FOLDER),
-    ]
 
 
 def run(workspace, name: str, stage_args: list[str], zero: int | None, **overrides):
@@ -109,8 +102,8 @@ def test_zero3_stage_3_with_a_text_only_rank_saves_a_loadable_model(workspace):
     losses, and a full folder in package names that loads."""
     from slime_hf import SliMEForConditionalGeneration
 
-    single, expected = run(workspace, "single_3_sgd", stage_3(workspace), None, optim="sgd", max_steps=2)
-    zero3, actual = run(workspace, "zero3_3_sgd", stage_3(workspace), 3, optim="sgd", max_steps=2)
+    single, expected = run(workspace, "single_3_sgd", stage_3_args(workspace), None, optim="sgd", max_steps=2)
+    zero3, actual = run(workspace, "zero3_3_sgd", stage_3_args(workspace), 3, optim="sgd", max_steps=2)
     assert max(abs(a - b) for a, b in zip(expected, actual)) <= 1e-5
     a, b = load_file(str(single / "model.safetensors")), load_file(str(zero3 / "model.safetensors"))
     assert not [k for k in b if k.startswith("model.language_model.model.")]
@@ -134,8 +127,8 @@ def test_zero3_lora_stage_3_saves_the_same_adapters_as_one_process(workspace):
         "--adapter_lr",
         "1e-3",
     ]
-    single, expected = run(workspace, "single_lora", stage_3(workspace) + lora, None, optim="sgd", max_steps=2)
-    zero3, actual = run(workspace, "zero3_lora", stage_3(workspace) + lora, 3, optim="sgd", max_steps=2)
+    single, expected = run(workspace, "single_lora", stage_3_args(workspace) + lora, None, optim="sgd", max_steps=2)
+    zero3, actual = run(workspace, "zero3_lora", stage_3_args(workspace) + lora, 3, optim="sgd", max_steps=2)
     assert max(abs(a - b) for a, b in zip(expected, actual)) <= 1e-5
     for name in ("adapter_model.safetensors", "non_lora_trainables.safetensors"):
         a, b = load_file(str(single / name)), load_file(str(zero3 / name))

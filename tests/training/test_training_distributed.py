@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 from safetensors.torch import load_file
 
-from conftest import FIXTURES, PROJECT_ROOT
-from training_helpers import IMAGE_FOLDER, common_cli_args, make_two_process_workspace, run_train_cli, stage_1a_args
+from conftest import FIXTURES
+from helpers import python_env, run_python
+from training_helpers import (
+    IMAGE_FOLDER,
+    common_cli_args,
+    make_two_process_workspace,
+    run_train_cli,
+    stage_1a_args,
+    stage_3_args,
+)
 
 
 pytestmark = pytest.mark.slow
@@ -58,18 +64,8 @@ def test_ddp_text_only_batch_on_one_rank_runs_the_same_modules(workspace):
     """Stage 3, one image sample and one text-only sample per step on two ranks, DDP without
     find_unused_parameters: the text-only rank's dummy image keeps the gradient reduction complete."""
     output = workspace / "ddp_text_only"
-    args = [
-        "--stage",
-        "3",
-        "--model_name_or_path",
-        str(FIXTURES / "V" / "checkpoint"),
-        "--data_path",
-        str(workspace / "sft2.json"),
-        "--image_folder",
-        str(IMAGE_FOLDER),
-    ]
     run_train_cli(
-        args
+        stage_3_args(workspace)
         + common_cli_args(
             output,
             per_device_train_batch_size=1,
@@ -147,7 +143,7 @@ if distributed:
 def test_fsdp2_two_processes_equal_one_process(workspace):
     script = workspace / "fsdp_worker.py"
     script.write_text(FSDP_WORKER)
-    env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env = python_env(OMP_NUM_THREADS="1")
     common = [
         str(workspace / "base_V"),
         str(FIXTURES / "V" / "clip"),
@@ -156,11 +152,10 @@ def test_fsdp2_two_processes_equal_one_process(workspace):
     ]
     results = {}
     for name, launcher in (
-        ("single", [sys.executable]),
+        ("single", []),
         (
             "fsdp",
             [
-                sys.executable,
                 "-m",
                 "torch.distributed.run",
                 "--nproc_per_node",
@@ -171,15 +166,7 @@ def test_fsdp2_two_processes_equal_one_process(workspace):
         ),
     ):
         out = workspace / f"fsdp_{name}"
-        result = subprocess.run(
-            launcher + [str(script), *common, str(out)],
-            cwd=workspace,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert result.returncode == 0, result.stderr[-4000:]
+        run_python(*launcher, str(script), *common, str(out), cwd=workspace, env=env, timeout=300)
         results[name] = (
             json.loads((out / "losses.json").read_text()),
             load_file(str(out / "slime_adapters.safetensors")),

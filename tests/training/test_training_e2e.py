@@ -6,19 +6,18 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FIXTURES, PROJECT_ROOT
+from conftest import FIXTURES
+from helpers import make_base_llm, python_env, run_python
 from slime_hf import SliMEForConditionalGeneration
 from slime_hf.checkpoints import ADAPTER_WEIGHTS_NAME, LoraAdapter, load_non_lora_trainables
 from slime_hf.training.build import build_from_text_model
 from slime_hf.training.trainer import CHECKPOINT_COMPLETE_NAME
-from training_helpers import IMAGE_FOLDER, common_cli_args, make_base_llm, run_train_cli, stage_1a_args, write_samples
+from training_helpers import IMAGE_FOLDER, common_cli_args, run_train_cli, stage_1a_args, write_samples
 
 
 ADAPTERS = ("model.projector.", "model.global_adapter.", "model.local_compressor.")
@@ -120,17 +119,9 @@ def test_stage_chain_1a_1b_2_3(workspace):
         "out = model.generate(**inputs, do_sample=False, max_new_tokens=6)\n"
         "print(type(model).__module__, out.shape[1] - inputs['input_ids'].shape[1])\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(workspace / "hf_modules"))
-    result = subprocess.run(
-        [sys.executable, "-c", script, str(outputs["3"]), str(IMAGE_FOLDER / "odd_337x211.png")],
-        cwd=workspace,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    env = python_env(with_package=False, modules_cache=workspace / "hf_modules")
+    image = IMAGE_FOLDER / "odd_337x211.png"
+    result = run_python("-c", script, str(outputs["3"]), str(image), cwd=workspace, env=env, timeout=300)
     module, new_tokens = result.stdout.split()[-2:]
     assert module.startswith("transformers_modules.") and int(new_tokens) == 6
 
@@ -278,15 +269,9 @@ def test_run_killed_while_saving_resumes_from_the_last_complete_checkpoint_to_id
     run_train_cli(args + common_cli_args(uninterrupted, seed=SEED, **options), cwd=workspace)
 
     killed = workspace / "killed"
-    env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT), KILL_AT_STEP="4", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [sys.executable, "-c", KILL_DURING_SAVE, *args, *common_cli_args(killed, seed=SEED, **options)],
-        cwd=workspace,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    env = python_env(KILL_AT_STEP="4", OMP_NUM_THREADS="1")
+    cli_args = [*args, *common_cli_args(killed, seed=SEED, **options)]
+    result = run_python("-c", KILL_DURING_SAVE, *cli_args, cwd=workspace, env=env, check=False)
     assert result.returncode == 3, result.stderr[-3000:]
     assert sorted(p.name for p in killed.iterdir() if p.name.startswith("checkpoint-")) == [
         "checkpoint-2",

@@ -22,7 +22,7 @@ from slime_hf.training import (
     SliMETrainingArguments,
     prepare_model_for_stage,
 )
-from training_helpers import IMAGE_FOLDER
+from training_helpers import IMAGE_FOLDER, cpu_training_arguments
 
 
 LOSS_TOL = 1e-4
@@ -243,18 +243,10 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     for batch_size, accumulation in ((2, 1), (1, 2)):
         model = SliMEForConditionalGeneration.from_pretrained(FIXTURES / "V" / "checkpoint", dtype=torch.float32)
         prepare_model_for_stage(model, "1a")
-        args = SliMETrainingArguments(
-            output_dir=str(tmp_path / f"ga{accumulation}"),
-            stage="1a",
+        args = cpu_training_arguments(
+            tmp_path / f"ga{accumulation}",
             per_device_train_batch_size=batch_size,
             gradient_accumulation_steps=accumulation,
-            max_steps=1,
-            learning_rate=1e-3,
-            use_cpu=True,
-            report_to="none",
-            save_strategy="no",
-            seed=0,
-            disable_tqdm=True,
             lr_scheduler_type="constant",
         )
         trainer = SliMETrainer(model=model, args=args, train_dataset=data, data_collator=SliMEDataCollator(processor))

@@ -14,10 +14,9 @@ from slime_hf.training import (
     SliMEDataCollator,
     SliMEDataset,
     SliMETrainer,
-    SliMETrainingArguments,
     prepare_model_for_stage,
 )
-from training_helpers import IMAGE_FOLDER
+from training_helpers import IMAGE_FOLDER, cpu_training_arguments
 
 
 LONG_ANSWER = " ".join(["stripes"] * 120)
@@ -159,20 +158,7 @@ def test_the_trainer_counts_and_logs_the_cut_samples(processor, tmp_path, caplog
     model.config.training_max_length = limit
     data = SliMEDataset(records, IMAGE_FOLDER, processor, "plain", model_max_length=limit, model_config=model.config)
     assert len(data[0]["input_ids"]) == len(item["input_ids"])  # the data side does not cut: the model does
-    args = SliMETrainingArguments(
-        output_dir=str(tmp_path / "out"),
-        stage="1a",
-        per_device_train_batch_size=1,
-        max_steps=2,
-        learning_rate=1e-3,
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        seed=0,
-        disable_tqdm=True,
-        logging_steps=1,
-        model_max_length=limit,
-    )
+    args = cpu_training_arguments(tmp_path / "out", max_steps=2, logging_steps=1, model_max_length=limit)
     trainer = SliMETrainer(model=model, args=args, train_dataset=data, data_collator=SliMEDataCollator(processor))
     with caplog.at_level("WARNING"):
         trainer.train()

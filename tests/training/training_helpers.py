@@ -1,37 +1,19 @@
-"""Shared pieces of the training tests: base LLMs cut out of the fixture checkpoints, sample files, CLI runs."""
+"""Shared pieces of the training tests: workspaces with a base LLM cut out of a fixture checkpoint, sample files, CLI
+runs."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
-import torch
-from transformers import LlamaForCausalLM
-
-from conftest import FIXTURES, PROJECT_ROOT
-from slime_hf import SliMEForConditionalGeneration
+from conftest import FIXTURES
+from helpers import make_base_llm, python_env, run_python
 
 
 IMAGE_FOLDER = FIXTURES / "common" / "images"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-def make_base_llm(variant: str, folder: Path) -> Path:
-    """The language model of a fixture checkpoint as a plain Llama folder with its tokenizer (a 'base LLM')."""
-    checkpoint = FIXTURES / variant / "checkpoint"
-    slime = SliMEForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
-    llm = LlamaForCausalLM(slime.config.text_config)
-    llm.model.load_state_dict(slime.model.language_model.state_dict())
-    llm.lm_head.load_state_dict(slime.lm_head.state_dict())
-    llm.save_pretrained(folder)
-    for name in TOKENIZER_FILES:
-        if (checkpoint / name).is_file():
-            shutil.copy(checkpoint / name, folder / name)
-    return folder
 
 
 def make_two_process_workspace(root: Path) -> Path:
@@ -56,17 +38,9 @@ def run_train_cli(
     args: list[str], cwd: Path, nproc: int | None = None, timeout: int = 600
 ) -> subprocess.CompletedProcess:
     """Runs `python -m slime_hf.train` (or `torchrun --nproc_per_node N -m slime_hf.train`) on the CPU."""
-    env = dict(os.environ)
-    env.update(
-        PYTHONPATH=str(PROJECT_ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
-        HF_HUB_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        OMP_NUM_THREADS="1",
-        CUDA_VISIBLE_DEVICES="",
-    )
+    env = python_env(TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     if nproc:
         command = [
-            sys.executable,
             "-m",
             "torch.distributed.run",
             "--nproc_per_node",
@@ -77,10 +51,8 @@ def run_train_cli(
             "slime_hf.train",
         ]
     else:
-        command = [sys.executable, "-m", "slime_hf.train"]
-    result = subprocess.run(command + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return result
+        command = ["-m", "slime_hf.train"]
+    return run_python(*command, *args, cwd=cwd, env=env, timeout=timeout)
 
 
 def stage_1a_args(workspace: Path, *extra: str) -> list[str]:
@@ -118,3 +90,38 @@ def common_cli_args(output_dir: Path, **overrides) -> list[str]:
     }
     args.update({k: str(v) for k, v in overrides.items()})
     return [item for key, value in args.items() for item in (f"--{key}", value)]
+
+
+def stage_3_args(workspace: Path) -> list[str]:
+    """`python -m slime_hf.train` arguments for stage 3 from the V fixture's release, on the workspace's `sft2.json`
+    (an image sample and a text-only one)."""
+    return [
+        "--stage",
+        "3",
+        "--model_name_or_path",
+        str(FIXTURES / "V" / "checkpoint"),
+        "--data_path",
+        str(workspace / "sft2.json"),
+        "--image_folder",
+        str(IMAGE_FOLDER),
+    ]
+
+
+def cpu_training_arguments(output_dir: Path, **overrides):
+    """`SliMETrainingArguments` of a short stage-1a run on the CPU (seed 0, no saving, no reporting); `overrides`
+    replace or add fields."""
+    from slime_hf.training import SliMETrainingArguments
+
+    fields = dict(
+        output_dir=str(output_dir),
+        stage="1a",
+        per_device_train_batch_size=1,
+        max_steps=1,
+        learning_rate=1e-3,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+    )
+    return SliMETrainingArguments(**{**fields, **overrides})
