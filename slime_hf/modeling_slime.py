@@ -1246,12 +1246,15 @@ def _merge_row_caches(row_caches: list, lengths: list[int], text_config) -> Any 
     total = max(lengths)
     merged = DynamicCache(config=text_config)
     for index in range(len(row_caches[0].layers)):
-        keys, values = [], []
-        for cache, length in zip(row_caches, lengths):
+        first = row_caches[0].layers[index]
+        keys = first.keys.new_zeros(len(row_caches), first.keys.shape[1], total, first.keys.shape[3])
+        values = first.values.new_zeros(len(row_caches), first.values.shape[1], total, first.values.shape[3])
+        for row, (cache, length) in enumerate(zip(row_caches, lengths)):
             layer = cache.layers[index]
-            keys.append(F.pad(layer.keys, (0, 0, total - length, 0)))
-            values.append(F.pad(layer.values, (0, 0, total - length, 0)))
-        merged.update(torch.cat(keys), torch.cat(values), index)
+            keys[row, :, total - length :] = layer.keys[0]
+            values[row, :, total - length :] = layer.values[0]
+            layer.keys = layer.values = None  # freed as the merge goes: at most one layer is held twice
+        merged.update(keys, values, index)
     return merged
 
 

@@ -220,6 +220,17 @@ def decode_step_comparison(model, processor, pairs, batch_size: int, steps: int,
     return result
 
 
+def print_profile(model, processor, pairs, new_tokens: int, device: str, dtype: torch.dtype, rows: int) -> None:
+    """torch.profiler's top operators (self CPU time) for one generate call over all pairs at once."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=activities) as profiler:
+        run_batch(model, processor, pairs, new_tokens, device, dtype)
+    print(f"\ntorch.profiler, one batch of {len(pairs)}, {new_tokens} new tokens (top {rows} by self CPU time):")
+    print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -229,6 +240,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8], help="batch sizes (1: one by one)")
     parser.add_argument("--new-tokens", type=int, default=64, help="new tokens per answer (figures at 16 and this)")
     parser.add_argument("--decode-steps", type=int, default=32, help="steps timed in the decode-step comparison")
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="ROWS", help="only profile one batch of all pairs: top ROWS operators"
+    )
     args = parser.parse_args()
     if args.new_tokens < 16:
         parser.error("--new-tokens must be at least 16 (figures are printed at 16 and at --new-tokens)")
@@ -237,6 +251,9 @@ def main() -> None:
     model, processor = build_model(args.tiny, dtype, args.device)
     pairs = make_pairs(args.pairs)
     run_batch(model, processor, pairs[:2], 2, args.device, dtype)  # warm-up
+    if args.profile:
+        print_profile(model, processor, pairs, args.new_tokens, args.device, dtype, args.profile)
+        return
 
     results = {size: sweep(model, processor, pairs, size, args.new_tokens, args.device, dtype) for size in args.batches}
     singles = results[min(args.batches)]["ids"]
