@@ -120,8 +120,19 @@ def test_models_and_health(server):
     assert health["status"] == "ok"
 
 
-class _SlowImageHandler(BaseHTTPRequestHandler):
-    def do_GET(self):  # answers after the server's fetch timeout (1 s)
+class _ImageHandler(BaseHTTPRequestHandler):
+    """/one.png: the one-image case's picture; anything else answers after the server's fetch timeout (1 s)."""
+
+    def do_GET(self):
+        if self.path == "/one.png":
+            buffer = io.BytesIO()
+            make_image(*CASES["one_image"][1][0]).save(buffer, format="PNG")
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(buffer.getvalue())))
+            self.end_headers()
+            self.wfile.write(buffer.getvalue())
+            return
         time.sleep(3)
         self.send_response(200)
         self.end_headers()
@@ -131,12 +142,23 @@ class _SlowImageHandler(BaseHTTPRequestHandler):
 
 
 @pytest.fixture(scope="module")
-def slow_image_url():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _SlowImageHandler)
+def image_server():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _ImageHandler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/image.png"
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def slow_image_url(image_server):
+    return f"{image_server}/slow.png"
+
+
+def test_image_fetched_over_http(server, reference, image_server):
+    body = chat_body("one_image")
+    body["messages"][0]["content"][0]["image_url"]["url"] = f"{image_server}/one.png"
+    assert answer_ids(post(server, body)) == [reference.ids("one_image")]
 
 
 def _with_content(content):
