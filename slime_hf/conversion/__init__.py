@@ -21,8 +21,8 @@ compared with the package's own load of the input) passed. An interrupted run re
 SIGHUP); one killed outright leaves it, and the next conversion to the same output removes it and says so.
 
 Modules: `hub` (inputs from the Hub, upload), `configs` (the output config), `plan` (the checked tensor plan),
-`inputs` (what a conversion reads: `prepare`), `writer` (streaming safetensors), `output` (the repo's files), `verify` and
-`remote_check` (the verification), `staging` (the staging folder), `cli` (the command line).
+`inputs` (what a conversion reads: `prepare`), `writer` (streaming safetensors), `output` (the repo's files),
+`verify` and `remote_check` (the verification), `staging` (the staging folder), `cli` (the command line).
 """
 
 from .cli import convert, main, parse_args

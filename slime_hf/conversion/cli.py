@@ -16,8 +16,8 @@ import threading
 from .configs import DTYPES
 from .errors import ConversionError, VerificationError
 from .hub import push_to_hub
-from .output import write_output
 from .inputs import prepare
+from .output import write_output
 from .staging import STAGING_MARKER, remove_stale_staging, staging_prefix
 from .verify import verify, verify_stage_checkpoint
 from .writer import parse_size
@@ -69,6 +69,7 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The converter's options (`--help` lists them)."""
     parser = argparse.ArgumentParser(
         description="Converts a released SliME checkpoint into a self-contained Hugging Face repo.",
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -24,6 +24,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 
 def read_config_dict(folder: str | None) -> dict | None:
+    """The `config.json` of a local folder, or `None` where there is no such folder or file."""
     path = os.path.join(folder, "config.json") if folder and os.path.isdir(folder) else None
     return read_json(path) if path and os.path.isfile(path) else None
 

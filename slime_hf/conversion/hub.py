@@ -95,6 +95,7 @@ def resolve_path(reference: str, role: str = "input") -> str:
 
 
 def hub_like(name: str | None) -> str | None:
+    """`name` where it reads as a Hub repo id (`owner/name`), for the model card's metadata; else `None`."""
     if name and HUB_REPO_ID.match(name) and not name.startswith((".", "/")) and name.count("/") == 1:
         return name
     return None

@@ -23,10 +23,12 @@ logger = logging.getLogger("slime_hf.conversion")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
+    """`torch.bfloat16` -> `"bfloat16"`."""
     return str(dtype).removeprefix("torch.")
 
 
 def _save_config(config: SliMEConfig, dtype: torch.dtype, folder: str) -> None:
+    """The output's `config.json` (its dtype, architectures and `auto_map`) and the remote-code files."""
     config = SliMEConfig.from_dict(config.to_dict())
     name = dtype_name(dtype)
     for sub in (config, config.text_config, config.vision_config):

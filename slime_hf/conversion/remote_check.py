@@ -50,6 +50,7 @@ def verification_outputs(
 
 
 def main(argv: list[str]) -> None:
+    """Loads FOLDER with `slime_hf` hidden and saves [`verification_outputs`] of it to OUT_PATH."""
     hide_package()
     try:
         import slime_hf  # noqa: F401

@@ -17,6 +17,7 @@ STAGING_MARKER = ".slime-conversion-staging.json"
 
 
 def staging_prefix(output: str) -> str:
+    """The name prefix of `output`'s staging folders (`.OUTPUT.tmp-`), beside it in the same parent folder."""
     return f".{os.path.basename(output)}.tmp-"
 
 

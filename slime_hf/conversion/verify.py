@@ -19,8 +19,8 @@ from ..modeling_slime import SliMEForConditionalGeneration
 from ..processing_slime import SliMEProcessor
 from . import remote_check
 from .errors import VerificationError
-from .output import dtype_name
 from .inputs import Conversion
+from .output import dtype_name
 
 
 logger = logging.getLogger("slime_hf.conversion")

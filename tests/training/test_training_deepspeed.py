@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from conftest import FIXTURES, PROJECT_ROOT
 from training_helpers import (
+    LORA_ARGS,
     common_cli_args,
     make_two_process_workspace,
     run_train_cli,
@@ -115,18 +116,7 @@ def test_zero3_stage_3_with_a_text_only_rank_saves_a_loadable_model(workspace):
 def test_zero3_lora_stage_3_saves_the_same_adapters_as_one_process(workspace):
     """LoRA on the language model of a release in the authors' layout, the vision adapters trained fully (LoRA
     dropout off: one process drawing masks for a batch of two cannot match two processes drawing for one each)."""
-    lora = [
-        "--lora_enable",
-        "true",
-        "--lora_r",
-        "4",
-        "--lora_alpha",
-        "8",
-        "--lora_dropout",
-        "0",
-        "--adapter_lr",
-        "1e-3",
-    ]
+    lora = [*LORA_ARGS, "--lora_dropout", "0"]
     single, expected = run(workspace, "single_lora", stage_3_args(workspace) + lora, None, optim="sgd", max_steps=2)
     zero3, actual = run(workspace, "zero3_lora", stage_3_args(workspace) + lora, 3, optim="sgd", max_steps=2)
     assert max(abs(a - b) for a, b in zip(expected, actual)) <= 1e-5

@@ -17,7 +17,7 @@ from slime_hf import SliMEForConditionalGeneration
 from slime_hf.checkpoints import ADAPTER_WEIGHTS_NAME, LoraAdapter, load_non_lora_trainables
 from slime_hf.training.build import build_from_text_model
 from slime_hf.training.trainer import CHECKPOINT_COMPLETE_NAME
-from training_helpers import IMAGE_FOLDER, common_cli_args, run_train_cli, stage_1a_args, write_samples
+from training_helpers import IMAGE_FOLDER, LORA_ARGS, common_cli_args, run_train_cli, stage_1a_args, write_samples
 
 
 ADAPTERS = ("model.projector.", "model.global_adapter.", "model.local_compressor.")
@@ -197,14 +197,7 @@ def test_lora_fine_tune_of_a_release(workspace):
         str(workspace / "sft.json"),
         "--image_folder",
         str(IMAGE_FOLDER),
-        "--lora_enable",
-        "true",
-        "--lora_r",
-        "4",
-        "--lora_alpha",
-        "8",
-        "--adapter_lr",
-        "1e-3",
+        *LORA_ARGS,
     ]
     run_train_cli(args + common_cli_args(output, seed=SEED), cwd=workspace)
     assert_learned(output)

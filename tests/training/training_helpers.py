@@ -13,7 +13,8 @@ from helpers import make_base_llm, python_env, run_python
 
 
 IMAGE_FOLDER = FIXTURES / "common" / "images"
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# LoRA of rank 4 on the language model, the vision adapters trained fully at their own learning rate.
+LORA_ARGS = ["--lora_enable", "true", "--lora_r", "4", "--lora_alpha", "8", "--adapter_lr", "1e-3"]
 
 
 def make_two_process_workspace(root: Path) -> Path:
