@@ -683,3 +683,119 @@ def test_paper_columns_name_the_tasks_metrics():
             assert metric is None and metrics == ["submission"]
         else:
             assert metric in metrics, column
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Through lmms-eval: the contexts the model receives and the files written (the variants the model tests do not run)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _variant_tasks(folder: Path) -> dict[str, list[str]]:
+    """Writes one mini dataset (the samples above, in their benchmark's schema) and one task YAML including the
+    package's task per variant; returns each mini task's expected contexts, in dataset order."""
+    import datasets
+    import yaml
+
+    value, image_feature = datasets.Value, datasets.Image()
+    string, integer = value("string"), value("int64")
+    vqa_answers = [{"answer": "two", "answer_confidence": "yes", "answer_id": i} for i in range(1, 11)]
+    vqa = ([{**VQAV2_DOC, "answer": "two", "answers": vqa_answers}], {
+        "question_id": integer, "question": string, "answer": string, "image": image_feature,
+        "answers": [{"answer": string, "answer_confidence": string, "answer_id": integer}],
+    })  # fmt: skip
+    mmbench_columns = {key: string for key in MMBENCH_CN_DOC if key not in ("index", "image")}
+    specs = {
+        "vqav2_testdev": ("vqav2/slime_vqav2_testdev.yaml", "testdev", *vqa, [VQAV2_QUESTION]),
+        "vqav2_val": ("vqav2/slime_vqav2_val.yaml", "validation", *vqa, [VQAV2_QUESTION]),
+        "mmbench_cn": (
+            "mmbench/slime_mmbench_cn_dev.yaml", "dev",
+            [{**MMBENCH_CN_DOC, "E": "nan"}], {**mmbench_columns, "index": integer, "image": image_feature},
+            [MMBENCH_CN_QUESTION],
+        ),
+        "mmmu": (
+            "mmmu/slime_mmmu_val.yaml", "validation", [MMMU_DOC, MMMU_OPEN_DOC],
+            {**{key: string for key in ("id", "question", "options", "question_type", "answer")},
+             **{f"image_{i}": image_feature for i in (1, 2, 3)}},
+            [MMMU_QUESTION, MMMU_OPEN_QUESTION],
+        ),
+        "llava_w": (
+            "llava_in_the_wild/slime_llava_in_the_wild.yaml", "train", [LLAVA_W_DOC],
+            {**{key: string for key in ("question", "caption", "gpt_answer", "category")}, "question_id": integer,
+             "image": image_feature},
+            [LLAVA_W_DOC["question"]],
+        ),
+        "mmvet": (
+            "mmvet/slime_mmvet.yaml", "test", [MMVET_DOC],
+            {**{key: string for key in ("question_id", "question", "answer", "capability")}, "image": image_feature},
+            [MMVET_DOC["question"]],
+        ),
+        "pope": (
+            "pope/slime_pope.yaml", "test", [POPE_DOC],
+            {**{key: string for key in ("question_id", "question", "answer", "category")}, "image": image_feature},
+            [POPE_QUESTION],
+        ),
+        "scienceqa": (
+            "scienceqa/slime_scienceqa_img.yaml", "test", [SQA_DOC, SQA_HINT_DOC],
+            {"hint": string, "question": string, "choices": datasets.Sequence(string), "answer": integer,
+             "image": image_feature},
+            [SQA_QUESTION, SQA_HINT_QUESTION],
+        ),
+        "chartqa": (
+            "chartqa/slime_chartqa.yaml", "test", [CHARTQA_DOC],
+            {"question": string, "answer": string, "type": string, "image": image_feature},
+            [CHARTQA_QUESTION],
+        ),
+    }  # fmt: skip
+    expected = {}
+    for name, (include, split, rows, features, contexts) in specs.items():
+        data = folder / f"{name}.parquet"
+        datasets.Dataset.from_list(rows, features=datasets.Features(features)).to_parquet(str(data))
+        config = {
+            "include": str(TASKS_DIR / include),
+            "task": f"variant_{name}",
+            "dataset_path": "parquet",
+            "dataset_name": None,
+            "dataset_kwargs": {"data_files": {split: str(data)}},
+        }
+        (folder / f"variant_{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+        expected[f"variant_{name}"] = contexts
+    return expected
+
+
+@requires_lmms_eval
+@pytest.mark.slow
+def test_variants_run_through_lmms_eval(tmp_path):
+    # One lmms-eval run (slime_hf on the V fixture, answers cut at 4 tokens) over the nine variants that the model's
+    # end-to-end tests do not run: lmms-eval hands the model exactly the original's question texts, the scorers and
+    # aggregations run, and the official files are written.
+    from mini_benchmarks import lmms_eval_command, read_samples, run
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    expected = _variant_tasks(tasks)
+    output = tmp_path / "out"
+    budget_log = tmp_path / "budget.jsonl"
+    model_args = f"pretrained={FIXTURES / 'V' / 'checkpoint'},dtype=float32,budget_log={budget_log}"
+    generation = ("--gen_kwargs", "max_new_tokens=4")
+    no_judge = {"OPENAI_API_KEY": "", "AZURE_API_KEY": ""}
+    run(lmms_eval_command(list(expected), tasks, output, "--model_args", model_args, *generation), env=no_judge)
+    for task, contexts in expected.items():
+        assert [sample["input"] for sample in read_samples(output, task)] == contexts, task
+    # One image per question, MMMU included (image_1 only although the sample has image_2).
+    records = [json.loads(line) for line in budget_log.read_text().splitlines()]
+    assert len(records) == sum(map(len, expected.values()))
+    assert all(len(record["images"]) == 1 for record in records)
+    results = json.loads(next(output.rglob("*_results.json")).read_text())["results"]
+    assert results["variant_pope"]["pope_f1,none"] in (0.0, 100.0)
+    assert 0.0 <= results["variant_mmmu"]["mmmu_acc,none"] <= 1.0
+    # No judge configured: no LLaVA-W or MM-Vet score.
+    assert results["variant_llava_w"]["gpt_eval_llava_all,none"] is None
+    assert results["variant_mmvet"]["gpt_eval_score,none"] is None
+    submissions = output / "submissions"
+    assert [a["question_id"] for a in json.loads((submissions / "vqav2_test-dev2015_submission.json").read_text())] == [
+        VQAV2_DOC["question_id"]
+    ]
+    assert list(json.loads((submissions / "mmvet_results.json").read_text())) == ["v1_0"]
+    assert json.loads((submissions / "llava_in_the_wild_answers.jsonl").read_text())["question_id"] == 0
+    assert (submissions / "mmbench_cn_dev_upload.xlsx").stat().st_size > 0
+    assert set(json.loads((submissions / "pope_metrics.json").read_text())) == {"adversarial"}
