@@ -25,7 +25,12 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=find_packages(include=["slime_hf", "slime_hf.*"]),
-    package_data={"slime_hf": ["assets/*.png", "assets/demo_tokenizer/*"]},
+    package_data={
+        "slime_hf": ["assets/*.png", "assets/demo_tokenizer/*"],
+        # the lmms-eval task variants (`--include_path`): YAML files and the utils.py lmms-eval loads by path beside
+        # them (the task folders are not packages)
+        "slime_hf.evaluation.tasks": ["*.yaml", "*/*.yaml", "*/utils.py", "README.md"],
+    },
     python_requires=">=3.10",
     entry_points={"lmms_eval.models": ["slime_hf = slime_hf.evaluation:model_manifest"]},
     install_requires=[
