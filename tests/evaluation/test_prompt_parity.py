@@ -649,6 +649,21 @@ def test_protocol_budget_table_matches_the_tasks():
     }  # fmt: skip
 
 
+def test_every_task_file_is_shipped():
+    # setup.py's package data for the tasks folder covers each YAML, utils.py and the README (the task folders are
+    # not packages, so a file outside the patterns would be missing from a wheel).
+    import ast
+
+    setup = ast.parse((PROJECT_ROOT / "setup.py").read_text())
+    call = next(n for n in ast.walk(setup) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
+    package_data = ast.literal_eval(next(k.value for k in call.keywords if k.arg == "package_data"))
+    patterns = package_data["slime_hf.evaluation.tasks"]
+    shipped = {path for pattern in patterns for path in TASKS_DIR.glob(pattern)}  # setuptools' glob semantics
+    files = {p for p in TASKS_DIR.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    modules = {p for p in files if p.suffix == ".py" and p.parent == TASKS_DIR}  # the package's own modules
+    assert len(files) > len(modules) and files - modules <= shipped, sorted(map(str, files - modules - shipped))
+
+
 @requires_lmms_eval
 def test_paper_group_is_registered_with_the_ten_columns():
     from lmms_eval.tasks import TaskManager
