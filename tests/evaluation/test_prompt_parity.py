@@ -493,7 +493,8 @@ MME_QUESTION = "Is a c++ code shown in the picture?\nAnswer the question using a
 
 def test_mme_prompt_and_scoring(processors):
     assert protocol.mme_question(MME_DOC["question"]) == MME_QUESTION
-    # Some MME questions have two spaces before the instruction; the question file has none.
+    # Some MME questions have two spaces before the instruction. The converter cannot tell whether the question file
+    # kept one of them ("...? \nAnswer", lmms-eval's default) or none; the task strips both (see the tasks README).
     assert protocol.mme_question("Is this a cat?  Please answer yes or no.") == (
         "Is this a cat?\nAnswer the question using a single word or phrase."
     )
