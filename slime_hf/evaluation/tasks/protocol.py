@@ -82,9 +82,10 @@ def textvqa_question(
 
 def mme_question(question: str, post_prompt: str = "\n" + SHORT_ANSWER_PROMPT) -> str:
     """
-    MME as in `llava_mme.jsonl`: the benchmark question without its " Please answer yes or no." (one or two spaces
-    before it), then the short-answer post-prompt. LLaVA's `convert_answer_to_mme.py` undoes exactly this: it removes
-    the post-prompt, strips, and appends " Please answer yes or no." (or with two spaces) to find the ground truth.
+    MME as in `llava_mme.jsonl`: the benchmark question without its " Please answer yes or no.", then the short-answer
+    post-prompt. LLaVA's `convert_answer_to_mme.py` undoes this: it removes the post-prompt, strips, and appends
+    " Please answer yes or no." (or with two spaces) to find the ground truth. Where the question has two spaces before
+    the instruction, the converter cannot tell whether the file kept one; both are stripped here.
     """
     text = question.strip()
     if text.endswith(MME_YES_NO_SUFFIX):
