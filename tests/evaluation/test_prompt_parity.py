@@ -522,8 +522,10 @@ def test_mme_task():
 # POPE, ScienceQA-IMG, ChartQA
 # ---------------------------------------------------------------------------------------------------------------------
 
-# scripts/vicuna/eval/pope.sh: model_vqa_loader on llava_pope_test.jsonl (question + short-answer post-prompt, as the
-# other LLaVA short-answer files), --max_new_tokens 64; scored by llava/eval/eval_pope.py per category.
+# scripts/vicuna/eval/pope.sh: model_vqa_loader on llava_pope_test.jsonl, --max_new_tokens 64; scored by
+# llava/eval/eval_pope.py per category. The file is not readable here; a line of it quoted in third-party code reads
+# {'question_id': 20003000, 'image': 'COCO_val2014_000000277289.jpg', 'text': 'Is there a chair in the image?\nAnswer
+# the question using a single word or phrase.', 'category': 'popular'}.
 POPE_DOC = {
     "question_id": "1",
     "question": "Is there a snowboard in the image?",
@@ -558,9 +560,11 @@ def test_pope_task(tmp_path):
     assert config["metric_list"][0]["aggregation"](records, args=args) == pytest.approx(100 / 3)
 
 
-# scripts/vicuna/eval/sqa.sh: llava/eval/model_vqa_science.py --single-pred-prompt on llava_test_CQM-A.json (not
-# readable here; its question text is "Context: hint\n" when there is a hint, the question and "A. choice" lines, the
-# format lmms-eval's scienceqa_img also builds), <image> removed and stripped, "\n" + the option-letter instruction.
+# scripts/vicuna/eval/sqa.sh: llava/eval/model_vqa_science.py --single-pred-prompt on llava_test_CQM-A.json, whose
+# `<image>` is removed and the text stripped, then "\n" + the option-letter instruction. The file is not readable
+# here; its sample 18499, quoted in third-party code, is
+# "<image>\nContext: <hint>\n<question>\nA. <choice>\nB. <choice>" (the layout lmms-eval's scienceqa_img builds
+# too). The layout without a hint (no "Context:" line) is lmms-eval's, not seen in the file.
 SQA_DOC = {
     "hint": "",
     "question": "Which of these states is farthest north?",
