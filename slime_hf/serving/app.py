@@ -24,6 +24,9 @@ from .images import ImageLimits
 from .protocol import ChatRequest, parse_chat_request
 
 
+SHUT_DOWN = "the server shut down before the request finished"
+
+
 @dataclass
 class ServerState:
     """What the application serves with.
@@ -139,41 +142,46 @@ def build_app(state: ServerState):
             body = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise RequestError(f"the request body is not valid JSON: {error}") from None
-        chat = await parse_chat_request(body, state.processor.image_token, state.limits, state.max_images)
-        if body.get("model") not in (None, state.model_name):
+        if isinstance(body, dict) and body.get("model") not in (None, state.model_name):
             raise RequestError(
                 f"the model {body['model']!r} does not exist (this server serves {state.model_name!r})",
                 "model",
                 status_code=404,
             )
+        # Registered from here on, so a shutdown waits for requests still in the front end too.
+        active = _Active(f"chatcmpl-{uuid.uuid4().hex}")
+        state.active[active.request_id] = active
+        streaming = False
         try:
-            text = state.processor.apply_chat_template(
-                chat.conversation, chat_template=state.chat_template, add_generation_prompt=True, tokenize=False
-            )
-        except Exception as error:  # the template's own checks (roles, order) raise several types
-            raise RequestError(f"the messages do not fit the chat template: {error}", "messages") from None
-        prepared = await state.frontend.prepare(PromptRequest(text, chat.images, chat.router_top_p))
-        room = state.max_model_len - prepared.length
-        max_tokens = chat.max_tokens if chat.max_tokens is not None else room
-        if max_tokens > room:
-            raise RequestError(
-                f"max_tokens={max_tokens} is more than the {room} tokens left after the prompt's {prepared.length} "
-                f"(the model's length limit is {state.max_model_len})",
-                "max_tokens",
-            )
-        try:
-            params = sampling_params(chat.n, chat.temperature, chat.top_p, max_tokens, chat.stop, chat.seed)
-        except ValueError as error:  # vLLM's own validation (VLLMValidationError is a ValueError)
-            raise RequestError(f"invalid sampling parameters: {error}") from None
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        active = _Active(request_id)
-        state.active[request_id] = active
-        if chat.stream:
-            return StreamingResponse(_stream(state, chat, prepared, params, active), media_type="text/event-stream")
-        try:
+            chat = await parse_chat_request(body, state.processor.image_token, state.limits, state.max_images)
+            try:
+                text = state.processor.apply_chat_template(
+                    chat.conversation, chat_template=state.chat_template, add_generation_prompt=True, tokenize=False
+                )
+            except Exception as error:  # the template's own checks (roles, order) raise several types
+                raise RequestError(f"the messages do not fit the chat template: {error}", "messages") from None
+            prepared = await state.frontend.prepare(PromptRequest(text, chat.images, chat.router_top_p))
+            if active.cancelled:
+                raise RequestError(SHUT_DOWN, status_code=503, error_type="service_unavailable")
+            room = state.max_model_len - prepared.length
+            max_tokens = chat.max_tokens if chat.max_tokens is not None else room
+            if max_tokens > room:
+                raise RequestError(
+                    f"max_tokens={max_tokens} is more than the {room} tokens left after the prompt's "
+                    f"{prepared.length} (the model's length limit is {state.max_model_len})",
+                    "max_tokens",
+                )
+            try:
+                params = sampling_params(chat.n, chat.temperature, chat.top_p, max_tokens, chat.stop, chat.seed)
+            except ValueError as error:  # vLLM's own checks of the sampling parameters
+                raise RequestError(f"invalid sampling parameters: {error}") from None
+            if chat.stream:
+                streaming = True  # the stream's generator unregisters the request
+                return StreamingResponse(_stream(state, chat, prepared, params, active), media_type="text/event-stream")
             return await _complete(state, chat, prepared, params, active)
         finally:
-            state.active.pop(request_id, None)
+            if not streaming:
+                state.active.pop(active.request_id, None)
 
     return app
 
@@ -189,7 +197,7 @@ async def _complete(state: ServerState, chat: ChatRequest, prepared, params, act
             final = output
     if active.cancelled or final is None:
         return JSONResponse(
-            error_body("the server shut down before the request finished", "service_unavailable", None, 503),
+            error_body(SHUT_DOWN, "service_unavailable", None, 503),
             status_code=503,
         )
     choices = [
@@ -237,8 +245,7 @@ async def _stream(state: ServerState, chat: ChatRequest, prepared, params, activ
                     choice = {"index": c.index, "delta": {"content": text}, "finish_reason": finish}
                     yield _sse({**head, "choices": [{**choice, **_choice_extra(chat, ids)}]})
         if active.cancelled or not all(done):
-            message = "the server shut down before the request finished"
-            yield _sse(error_body(message, "service_unavailable", None, 503))
+            yield _sse(error_body(SHUT_DOWN, "service_unavailable", None, 503))
         elif chat.include_usage:
             yield _sse({**head, "choices": [], "usage": _usage(prepared, sum(sent_ids))})
         yield _sse("[DONE]")
