@@ -104,11 +104,16 @@ class SliMELmms(lmms):
 
         accelerator = Accelerator()
         self.accelerator = accelerator
+        # lmms-eval shards the requests by the launcher's RANK / WORLD_SIZE (accelerate launch and torchrun set them;
+        # accelerate reports a single process for torchrun on CPUs)
+        self._rank = int(os.environ.get("RANK", accelerator.process_index))
+        self._world_size = int(os.environ.get("WORLD_SIZE", accelerator.num_processes))
         load_kwargs: dict[str, Any] = {"dtype": DTYPES[dtype]}
-        if accelerator.num_processes > 1:
+        if self._world_size > 1:
             if device_map:
                 raise ValueError("slime_hf: device_map spreads one model over devices; with several processes omit it")
-            self._device = accelerator.device
+            local_rank = int(os.environ.get("LOCAL_RANK", accelerator.local_process_index))
+            self._device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
         elif device_map:
             load_kwargs["device_map"] = device_map
             self._device = None
@@ -123,8 +128,6 @@ class SliMELmms(lmms):
         self.processor = SliMEProcessor.from_pretrained(pretrained)
         self.tokenizer = self.processor.tokenizer
         self.pretrained = pretrained
-        self._rank = accelerator.process_index
-        self._world_size = accelerator.num_processes
 
         self.budget_records: list[dict] = []
         self.budget_log = None

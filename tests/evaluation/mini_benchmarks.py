@@ -225,9 +225,13 @@ def _task_yaml(
     return config, functions or {}
 
 
-def write_mini_tasks(folder: Path) -> dict[str, str]:
+PACKAGE_NAMES = {"mini_textvqa": "slime_textvqa_val", "mini_gqa": "slime_gqa", "mini_mme": "slime_mme"}
+
+
+def write_mini_tasks(folder: Path, package_names: bool = False) -> dict[str, str]:
     """
-    Writes the mini datasets and their task YAMLs into `folder` (pass it to lmms-eval as `--include_path`).
+    Writes the mini datasets and their task YAMLs into `folder` (pass it to lmms-eval as `--include_path`). With
+    `package_names`, the benchmarks take the package tasks' names (ahead of the package's folder, they replace them).
 
     Returns:
         `dict[str, str]`: mini task name -> the package task it includes (or `"loglikelihood"`).
@@ -264,6 +268,10 @@ def write_mini_tasks(folder: Path) -> dict[str, str]:
             metadata={"version": 0.0},
         ),
     }
+    if package_names:
+        configs = {PACKAGE_NAMES.get(name, name): config for name, config in configs.items()}
+        for name, (config, _) in configs.items():
+            config["task"] = name
     for name, (config, functions) in configs.items():
         text = yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
         text += "".join(f"{key}: !function {target}\n" for key, target in functions.items())
