@@ -30,32 +30,29 @@ def default_demo_dir() -> Path:
     return Path(os.environ.get("SLIME_DEMO_DIR", cache / "slime-hf" / "demo-model-v1"))
 
 
-def build_demo_model(output_dir: str | os.PathLike | None = None, force: bool = False) -> Path:
-    """Generates the demonstration model (tiny CLIP + tiny Llama, SliME geometry: 336 px views, 576 global
-    queries, 144 local queries) deterministically and saves model + processor to `output_dir`.
-
-    Returns the folder, which `AutoModel.from_pretrained(folder, trust_remote_code=True)` and
-    `SliMEProcessor.from_pretrained(folder)` load.
-    """
-    import torch
+def demo_processor():
+    """The demonstration model's processor: the shipped tokenizer and the PIL image processor."""
     from transformers import AutoTokenizer
 
-    from .checkpoints import separator_token_id
-    from .configuration_slime import SliMEConfig
     from .image_processing_slime import SliMEImageProcessorPil
-    from .modeling_slime import SliMEForConditionalGeneration
     from .processing_slime import SliMEProcessor
 
-    folder = Path(output_dir) if output_dir is not None else default_demo_dir()
-    if (folder / "config.json").is_file() and not force:
-        return folder
     tokenizer = AutoTokenizer.from_pretrained(str(DEMO_TOKENIZER))
-    vocab_size = len(tokenizer)
-    processor = SliMEProcessor(image_processor=SliMEImageProcessorPil(), tokenizer=tokenizer)
-    config = SliMEConfig(
+    return SliMEProcessor(image_processor=SliMEImageProcessorPil(), tokenizer=tokenizer)
+
+
+def demo_config(processor, **text_config):
+    """The demonstration model's configuration for `processor` (see [`demo_processor`]): tiny CLIP with SliME's
+    geometry and a tiny Llama, whose `text_config` entries the keyword arguments override (a bigger language model
+    for a benchmark, another head size for an engine)."""
+    from .checkpoints import separator_token_id
+    from .configuration_slime import SliMEConfig
+
+    tokenizer = processor.tokenizer
+    return SliMEConfig(
         text_config={
             "model_type": "llama",
-            "vocab_size": vocab_size,
+            "vocab_size": tokenizer.vocab_size,  # the image token, added by the processor, is the first id after it
             "hidden_size": 64,
             "intermediate_size": 128,
             "num_hidden_layers": 2,
@@ -66,6 +63,7 @@ def build_demo_model(output_dir: str | os.PathLike | None = None, force: bool = 
             "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id,
+            **text_config,
         },
         vision_config={
             "model_type": "clip_vision_model",
@@ -83,6 +81,25 @@ def build_demo_model(output_dir: str | os.PathLike | None = None, force: bool = 
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+
+
+def build_demo_model(output_dir: str | os.PathLike | None = None, force: bool = False) -> Path:
+    """Generates the demonstration model (tiny CLIP + tiny Llama, SliME geometry: 336 px views, 576 global
+    queries, 144 local queries) deterministically and saves model + processor to `output_dir`.
+
+    Returns the folder, which `AutoModel.from_pretrained(folder, trust_remote_code=True)` and
+    `SliMEProcessor.from_pretrained(folder)` load.
+    """
+    import torch
+
+    from .modeling_slime import SliMEForConditionalGeneration
+
+    folder = Path(output_dir) if output_dir is not None else default_demo_dir()
+    if (folder / "config.json").is_file() and not force:
+        return folder
+    processor = demo_processor()
+    tokenizer = processor.tokenizer
+    config = demo_config(processor)
     torch.manual_seed(DEMO_SEED)
     model = SliMEForConditionalGeneration(config).eval()
     with torch.no_grad():  # a visible gate: mix the two global experts unevenly

@@ -25,10 +25,10 @@ from contextlib import contextmanager
 
 import torch
 from PIL import Image
-from transformers import AutoTokenizer, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
+from transformers import LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
 
-from slime_hf import SliMEConfig, SliMEForConditionalGeneration, SliMEImageProcessorPil, SliMEProcessor
-from slime_hf.demo import DEMO_IMAGE, DEMO_TOKENIZER
+from slime_hf import SliMEForConditionalGeneration, SliMEProcessor
+from slime_hf.demo import DEMO_IMAGE, demo_config, demo_processor
 
 
 # (width, height) of the test images: 3 to 10 views each, so rows differ in length as in a real batch.
@@ -46,40 +46,14 @@ QUESTIONS = [
 
 
 def build_model(tiny: bool, dtype: torch.dtype, device: str) -> tuple[SliMEForConditionalGeneration, SliMEProcessor]:
-    tokenizer = AutoTokenizer.from_pretrained(str(DEMO_TOKENIZER))
-    processor = SliMEProcessor(image_processor=SliMEImageProcessorPil(), tokenizer=tokenizer)
-    shape = (
-        {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
-        if tiny
-        else {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 8, "num_attention_heads": 16}
-    )
-    config = SliMEConfig(
-        text_config={
-            "model_type": "llama",
-            "vocab_size": len(tokenizer),
-            "num_key_value_heads": shape["num_attention_heads"],
-            "max_position_embeddings": 4096,
-            "rms_norm_eps": 1e-5,
-            **shape,
-        },
-        vision_config={
-            "model_type": "clip_vision_model",
-            "hidden_size": 128,
-            "intermediate_size": 256,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "image_size": 336,
-            "patch_size": 14,
-            "hidden_act": "quick_gelu",
-        },
-        image_token_id=processor.image_token_id,
-        separator_token_id=tokenizer(",", add_special_tokens=False).input_ids[-1],
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    processor = demo_processor()
+    shape = {} if tiny else {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 8}
+    heads = {} if tiny else {"num_attention_heads": 16, "num_key_value_heads": 16}
+    config = demo_config(processor, **shape, **heads)
     torch.manual_seed(0)
     model = SliMEForConditionalGeneration(config).to(device, dtype).eval()
     model.generation_config.eos_token_id = None  # random weights: never stop early
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     model.generation_config.do_sample = False
     return model, processor
 
