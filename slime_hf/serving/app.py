@@ -25,6 +25,7 @@ from .protocol import ChatRequest, parse_chat_request
 
 
 SHUT_DOWN = "the server shut down before the request finished"
+DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
 
 
 @dataclass
@@ -57,6 +58,7 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     active: dict = field(default_factory=dict)  # request id -> _Active
     draining: bool = False
+    client_disconnects: int = 0  # requests given up because their client went away (reported by /health)
 
 
 @dataclass
@@ -114,7 +116,12 @@ def build_app(state: ServerState):
     @app.get("/health")
     async def health():
         status = "draining" if state.draining else "ok"
-        body = {"status": status, "running_requests": len(state.active), "front_end": dict(state.frontend.stats)}
+        body = {
+            "status": status,
+            "running_requests": len(state.active),
+            "client_disconnects": state.client_disconnects,
+            "front_end": dict(state.frontend.stats),
+        }
         processor = getattr(state.engine, "output_processor", None)
         if processor is not None:  # requests the engine still holds (a disconnected client's must be gone)
             body["engine_requests"] = processor.get_num_unfinished_requests()
@@ -178,7 +185,7 @@ def build_app(state: ServerState):
             if chat.stream:
                 streaming = True  # the stream's generator unregisters the request
                 return StreamingResponse(_stream(state, chat, prepared, params, active), media_type="text/event-stream")
-            return await _complete(state, chat, prepared, params, active)
+            return await _complete(state, chat, prepared, params, active, request)
         finally:
             if not streaming:
                 state.active.pop(active.request_id, None)
@@ -190,11 +197,25 @@ def _choice_extra(chat: ChatRequest, ids) -> dict:
     return {"token_ids": list(ids)} if chat.return_token_ids else {}
 
 
-async def _complete(state: ServerState, chat: ChatRequest, prepared, params, active: _Active):
+async def _final_output(state: ServerState, prepared, params, active: _Active):
     final = None
     async with aclosing(generate(state.engine, prepared.prompt_embeds, params, active.request_id)) as outputs:
         async for output in outputs:
             final = output
+    return final
+
+
+async def _complete(state: ServerState, chat: ChatRequest, prepared, params, active: _Active, request: Request):
+    # The answer is computed in a task watched for the client going away: cancelling it aborts the engine request.
+    task = asyncio.ensure_future(_final_output(state, prepared, params, active))
+    while not task.done():
+        await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+        if not task.done() and await request.is_disconnected():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            state.client_disconnects += 1
+            return JSONResponse(error_body("the client disconnected", "client_closed", None, 499), status_code=499)
+    final = task.result()
     if active.cancelled or final is None:
         return JSONResponse(
             error_body(SHUT_DOWN, "service_unavailable", None, 503),
@@ -249,6 +270,9 @@ async def _stream(state: ServerState, chat: ChatRequest, prepared, params, activ
         elif chat.include_usage:
             yield _sse({**head, "choices": [], "usage": _usage(prepared, sum(sent_ids))})
         yield _sse("[DONE]")
+    except (asyncio.CancelledError, GeneratorExit):  # the client went away: closing the engine stream aborted it
+        state.client_disconnects += 1
+        raise
     finally:
         state.active.pop(active.request_id, None)
 

@@ -252,17 +252,33 @@ def test_local_image_under_the_allowed_folder(server, reference, media_dir):
     assert answer_ids(post(server, body)) == [reference.ids("one_image")]
 
 
-def test_client_disconnecting_mid_stream_frees_its_request(server):
-    body = chat_body("text_only", stream=True, max_tokens=3000)
-    body["max_tokens"] = 3000
-    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=300) as response:
-        lines = response.iter_lines()
-        received = [next(lines) for _ in range(6)]
-    assert any(line.startswith("data: ") for line in received)
+def _wait_until_idle(server) -> dict:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         health = httpx.get(f"{server.url}/health").json()
         if health["running_requests"] == 0 and health.get("engine_requests") == 0:
             break
         time.sleep(0.2)
+    return health
+
+
+def test_client_going_away_before_a_long_answer_frees_its_request(server):
+    body = {**chat_body("text_only", max_tokens=3000), "n": 4, "temperature": 1.0}
+    before = httpx.get(f"{server.url}/health").json()["client_disconnects"]
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=1.0))
+    health = _wait_until_idle(server)
     assert health["running_requests"] == 0 and health["engine_requests"] == 0, health
+    assert health["client_disconnects"] == before + 1  # given up, not answered to nobody
+
+
+def test_client_disconnecting_mid_stream_frees_its_request(server):
+    before = httpx.get(f"{server.url}/health").json()["client_disconnects"]
+    body = chat_body("text_only", stream=True, max_tokens=3000)
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=300) as response:
+        lines = response.iter_lines()
+        received = [next(lines) for _ in range(6)]
+    assert any(line.startswith("data: ") for line in received)
+    health = _wait_until_idle(server)
+    assert health["running_requests"] == 0 and health["engine_requests"] == 0, health
+    assert health["client_disconnects"] == before + 1
