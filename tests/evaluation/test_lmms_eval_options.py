@@ -52,6 +52,21 @@ def test_batches_equal_single_prompts(lm):
     assert len(set(batched)) > 1  # answers come back in request order, not in the batches' order
 
 
+def test_text_only_samples_batch_with_image_samples(lm):
+    mixed = requests(GREEDY, 2)
+    text_only = Instance(
+        request_type="generate_until",
+        arguments=("Write one word.", dict(GREEDY), lambda doc: [], 2, TASK, SPLIT),
+        idx=0,
+        metadata={"task": TASK, "doc_id": 2, "repeats": 1},
+    )
+    lm.budget_records.clear()
+    batched = lm.generate_until([mixed[0], text_only, mixed[1]])
+    assert [len(record["images"]) for record in sorted(lm.budget_records, key=lambda r: r["doc_id"])] == [1, 1, 0]
+    singles = [lm.generate_until([request])[0] for request in (mixed[0], text_only, mixed[1])]
+    assert batched == singles
+
+
 def test_until_cuts_the_answer(lm):
     (answer,) = lm.generate_until(requests(GREEDY, 1))
     stop = answer[3:5]
