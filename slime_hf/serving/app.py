@@ -197,12 +197,13 @@ def _choice_extra(chat: ChatRequest, ids) -> dict:
     return {"token_ids": list(ids)} if chat.return_token_ids else {}
 
 
-async def _final_output(state: ServerState, prepared, params, active: _Active):
-    final = None
+async def _final_output(state: ServerState, prepared, params, active: _Active) -> list | None:
+    """The last output of each choice (with n > 1 an engine output may hold only the choices that advanced)."""
+    latest: dict = {}
     async with aclosing(generate(state.engine, prepared.prompt_embeds, params, active.request_id)) as outputs:
         async for output in outputs:
-            final = output
-    return final
+            latest.update({choice.index: choice for choice in output.outputs})
+    return [latest[index] for index in sorted(latest)] or None
 
 
 async def _complete(state: ServerState, chat: ChatRequest, prepared, params, active: _Active, request: Request):
@@ -216,7 +217,8 @@ async def _complete(state: ServerState, chat: ChatRequest, prepared, params, act
             state.client_disconnects += 1
             return JSONResponse(error_body("the client disconnected", "client_closed", None, 499), status_code=499)
     final = task.result()
-    if active.cancelled or final is None:
+    complete = final is not None and len(final) == chat.n and all(c.finish_reason for c in final)
+    if active.cancelled or not complete:
         return JSONResponse(
             error_body(SHUT_DOWN, "service_unavailable", None, 503),
             status_code=503,
@@ -228,9 +230,9 @@ async def _complete(state: ServerState, chat: ChatRequest, prepared, params, act
             "finish_reason": c.finish_reason,
             **_choice_extra(chat, c.token_ids),
         }
-        for c in sorted(final.outputs, key=lambda c: c.index)
+        for c in final
     ]
-    completion = sum(len(c.token_ids) for c in final.outputs)
+    completion = sum(len(c.token_ids) for c in final)
     return {
         "id": active.request_id,
         "object": "chat.completion",

@@ -49,7 +49,7 @@ def server(tiny_model_dir, tmp_path_factory, media_dir):
             "--image-fetch-timeout",
             "1",
             "--shutdown-timeout",
-            "3",
+            "5",
         ],
     )
     yield process
