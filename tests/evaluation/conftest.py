@@ -12,7 +12,7 @@ from mini_benchmarks import FIXTURES, lmms_eval_command, run, write_mini_tasks
 from slime_hf import SliMEForConditionalGeneration, SliMEProcessor
 
 
-GENERATE_TASKS = ("mini_textvqa", "mini_gqa", "mini_mme")
+GENERATE_TASKS = ("mini_textvqa", "mini_gqa", "mini_mme", "mini_mmbench_en")
 CHOICE_TASK = "mini_choice"
 MAX_NEW_TOKENS = 12  # every task's own limit replaced (--gen_kwargs) to keep the CPU runs short
 BATCH_SIZE = 2

@@ -11,14 +11,14 @@ import math
 
 import pytest
 import torch
-from mini_benchmarks import GQA_ROWS, MME_ROWS, TEXTVQA_ROWS, doc_images, read_results, read_samples
+from mini_benchmarks import GQA_ROWS, MMBENCH_ROWS, MME_ROWS, TEXTVQA_ROWS, doc_images, read_results, read_samples
 
 from conftest import CHOICE_TASK, GENERATE_TASKS, MAX_NEW_TOKENS
 from slime_hf.evaluation.prompting import render_prompt
 
 
 VARIANTS = ("V", "L")
-SAMPLES = {"mini_textvqa": TEXTVQA_ROWS, "mini_gqa": GQA_ROWS, "mini_mme": MME_ROWS}
+SAMPLES = {"mini_textvqa": TEXTVQA_ROWS, "mini_gqa": GQA_ROWS, "mini_mme": MME_ROWS, "mini_mmbench_en": MMBENCH_ROWS}
 CHOICES = lambda doc_id: [TEXTVQA_ROWS[doc_id]["answers"][0], "blue", "nothing at all"]  # noqa: E731 (as ll_utils)
 
 
@@ -99,4 +99,9 @@ def test_scorers_run(variant, lmms_eval_run):
         assert results[task][f"{metric},none"] == pytest.approx(sum(per_sample) / len(per_sample))
     for metric in ("mme_perception_score", "mme_cognition_score"):
         assert math.isfinite(results["mini_mme"][f"{metric},none"])
+    assert 0 <= results["mini_mmbench_en"]["accuracy,none"] <= 100
+    # the official files: TextVQA's submission, MMBench's evaluation-server upload
+    submissions = {path.name for path in (output / "submissions").iterdir()}
+    assert "mmbench_en_dev_upload.xlsx" in submissions
+    assert any(name.startswith("textvqa_submission") for name in submissions)
     assert results[CHOICE_TASK]["acc,none"] in (0.0, 1 / 3, 2 / 3, 1.0)
