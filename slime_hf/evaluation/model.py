@@ -67,6 +67,7 @@ class SliMELmms(lmms):
             each of its images (with several processes, each writes `budget_log` + `.rank<N>`).
         trust_remote_code (`bool`, *optional*): accepted for symmetry with other models; the package's own classes
             are used.
+        max_batch_size (`int`, *optional*): passed by lmms-eval to every model; unused.
     """
 
     is_simple = True
@@ -96,7 +97,10 @@ class SliMELmms(lmms):
             raise ValueError(f"slime_hf: batch_size must be a positive integer, got {batch_size!r}") from None
         if self.batch_size_per_process < 1:
             raise ValueError(f"slime_hf: batch_size must be a positive integer, got {batch_size!r}")
-        self.router_top_p = None if router_top_p in (None, "", "None") else float(router_top_p)
+        try:
+            self.router_top_p = None if router_top_p in (None, "", "None") else float(router_top_p)
+        except (TypeError, ValueError):
+            self.router_top_p = float("nan")
         if self.router_top_p is not None and not 0.0 < self.router_top_p <= 1.0:
             raise ValueError(f"slime_hf: router_top_p must be in (0, 1], got {router_top_p!r}")
         _as_bool(trust_remote_code, "trust_remote_code")

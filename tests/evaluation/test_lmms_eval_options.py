@@ -119,6 +119,7 @@ def test_dtype(dtype):
         ({"batch_size": 0}, "batch_size must be a positive integer"),
         ({"batch_size": "two"}, "batch_size must be a positive integer"),
         ({"router_top_p": 1.5}, r"router_top_p must be in \(0, 1\]"),
+        ({"router_top_p": "high"}, r"router_top_p must be in \(0, 1\], got 'high'"),
         ({"temperature": 0.2}, r"unknown model_args \['temperature'\]"),
     ],
 )
