@@ -145,3 +145,31 @@ def test_bad_input_is_one_line(arguments, message, tmp_path, capsys):
     status = main(["--model", str(checkpoint("V")), "--output", str(tmp_path), *arguments])
     error = capsys.readouterr().err
     assert status == 2 and error == f"error: {message}\n"
+
+
+def test_every_paper_column_is_a_package_task_of_the_group_paper():
+    from lmms_eval.tasks import TaskManager
+    from lmms_eval.utils import load_yaml_config
+
+    from slime_hf.evaluation import TASKS_DIR
+
+    manager = TaskManager("ERROR", include_path=str(TASKS_DIR))
+    assert "paper" in manager.all_groups
+    columns = {column.task for column in PAPER_COLUMNS}
+    assert columns <= set(manager.all_subtasks)
+    group = load_yaml_config(manager.task_index["paper"]["yaml_path"], mode="simple")
+    assert set(group["task"]) == columns
+
+
+def test_command_runs_the_package_tasks_after_the_callers(tmp_path):
+    from slime_hf.evaluate import lmms_eval_command, parse_args
+    from slime_hf.evaluation import TASKS_DIR
+
+    args = parse_args(["--model", "m", "--include_path", str(tmp_path), "--num_processes", "2", "--limit", "5"])
+    command = lmms_eval_command(args, tmp_path, cuda=False)
+    assert command[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    folders = [command[i + 1] for i, part in enumerate(command) if part == "--include_path"]
+    assert folders == [str(tmp_path), str(TASKS_DIR)]
+    model_args = command[command.index("--model_args") + 1]
+    assert model_args == f"pretrained=m,dtype=float32,budget_log={tmp_path / 'token_budget.jsonl'}"
+    assert command[command.index("--limit") + 1] == "5"
