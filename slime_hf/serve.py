@@ -28,6 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-model-len", type=int, default=None, help="default: the model's max_position_embeddings")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--max-num-seqs", type=int, default=None, help="most sequences the engine decodes together")
+    parser.add_argument("--block-size", type=int, default=None, help="tokens per KV-cache block (default: vLLM's)")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs or compilation (faster start)")
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--export-dir", default=None, help="where the exported language model is (or goes)")
@@ -91,6 +92,7 @@ def main(args: argparse.Namespace) -> None:
                 enforce_eager=args.enforce_eager,
                 enable_prefix_caching=not args.no_prefix_caching,
                 max_num_seqs=args.max_num_seqs,
+                block_size=args.block_size,
             ),
         )
     )

@@ -65,6 +65,7 @@ class ServerState:
 class _Active:
     request_id: str
     cancelled: bool = False
+    cached_tokens: int = 0
 
 
 def _error_response(error: RequestError):
@@ -75,12 +76,17 @@ def _sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
-def _usage(prepared, completion_tokens: int) -> dict:
+def _usage(prepared, completion_tokens: int, cached_tokens: int) -> dict:
+    details = {
+        "cached_tokens": cached_tokens,  # prompt positions whose KV blocks came from vLLM's prefix cache
+        "text_tokens": prepared.text_tokens,
+        "image_tokens": prepared.image_tokens,
+    }
     return {
         "prompt_tokens": prepared.length,
         "completion_tokens": completion_tokens,
         "total_tokens": prepared.length + completion_tokens,
-        "prompt_tokens_details": {"text_tokens": prepared.text_tokens, "image_tokens": prepared.image_tokens},
+        "prompt_tokens_details": details,
         "image_token_budget": [{key: int(value) for key, value in b.items()} for b in prepared.image_token_budget],
     }
 
@@ -203,6 +209,7 @@ async def _final_output(state: ServerState, prepared, params, active: _Active) -
     async with aclosing(generate(state.engine, prepared.prompt_embeds, params, active.request_id)) as outputs:
         async for output in outputs:
             latest.update({choice.index: choice for choice in output.outputs})
+            active.cached_tokens = output.num_cached_tokens or active.cached_tokens
     return [latest[index] for index in sorted(latest)] or None
 
 
@@ -239,7 +246,7 @@ async def _complete(state: ServerState, chat: ChatRequest, prepared, params, act
         "created": int(time.time()),
         "model": state.model_name,
         "choices": choices,
-        "usage": _usage(prepared, completion),
+        "usage": _usage(prepared, completion, active.cached_tokens),
     }
 
 
@@ -256,6 +263,7 @@ async def _stream(state: ServerState, chat: ChatRequest, prepared, params, activ
             yield _sse({**head, "choices": [{"index": index, "delta": delta, "finish_reason": None}]})
         async with aclosing(generate(state.engine, prepared.prompt_embeds, params, active.request_id)) as outputs:
             async for output in outputs:
+                active.cached_tokens = output.num_cached_tokens or active.cached_tokens
                 for c in output.outputs:
                     if done[c.index]:
                         continue
@@ -270,7 +278,7 @@ async def _stream(state: ServerState, chat: ChatRequest, prepared, params, activ
         if active.cancelled or not all(done):
             yield _sse(error_body(SHUT_DOWN, "service_unavailable", None, 503))
         elif chat.include_usage:
-            yield _sse({**head, "choices": [], "usage": _usage(prepared, sum(sent_ids))})
+            yield _sse({**head, "choices": [], "usage": _usage(prepared, sum(sent_ids), active.cached_tokens)})
         yield _sse("[DONE]")
     except (asyncio.CancelledError, GeneratorExit):  # the client went away: closing the engine stream aborted it
         state.client_disconnects += 1

@@ -21,6 +21,7 @@ class EngineOptions:
         enforce_eager (`bool`): no CUDA graphs / compilation (faster start, slower decoding).
         enable_prefix_caching (`bool`): share KV blocks of equal prompt prefixes across requests.
         max_num_seqs (`int`, *optional*): most sequences decoded together.
+        block_size (`int`, *optional*): tokens per KV-cache block (the unit prefix caching shares); vLLM's default.
         seed (`int`): the engine's seed.
     """
 
@@ -32,6 +33,7 @@ class EngineOptions:
     enforce_eager: bool = False
     enable_prefix_caching: bool = True
     max_num_seqs: int | None = None
+    block_size: int | None = None
     seed: int = 0
 
 
@@ -55,6 +57,8 @@ def start_engine(model_dir: str, options: EngineOptions):
     )
     if options.max_num_seqs is not None:
         kwargs["max_num_seqs"] = options.max_num_seqs
+    if options.block_size is not None:
+        kwargs["block_size"] = options.block_size
     return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
 
 

@@ -36,7 +36,7 @@ def media_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def server(tiny_model_dir, tmp_path_factory, media_dir):
     """`python -m slime_hf.serve` on the tiny model, on 127.0.0.1, for the whole session (its shutdown test ends it)."""
-    from serving_helpers import ServerProcess
+    from serving_helpers import BLOCK_SIZE, ServerProcess
 
     process = ServerProcess.start(
         tiny_model_dir,
@@ -50,6 +50,8 @@ def server(tiny_model_dir, tmp_path_factory, media_dir):
             "1",
             "--shutdown-timeout",
             "5",
+            "--block-size",
+            str(BLOCK_SIZE),
         ],
     )
     yield process

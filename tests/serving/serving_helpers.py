@@ -21,6 +21,7 @@ from PIL import Image
 
 MAX_NEW_TOKENS = 12
 STARTUP_TIMEOUT = 420
+BLOCK_SIZE = 128  # KV-cache block of the session's server (the unit prefix caching shares)
 
 
 def make_image(seed: int, size: tuple[int, int]) -> Image.Image:

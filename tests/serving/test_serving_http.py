@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
-from serving_helpers import CASES, answer_ids, chat_body, data_url, make_image, stream_ids
+from serving_helpers import BLOCK_SIZE, CASES, answer_ids, chat_body, data_url, make_image, stream_ids
 
 
 NAMES = list(CASES)
@@ -282,3 +282,23 @@ def test_client_disconnecting_mid_stream_frees_its_request(server):
     health = _wait_until_idle(server)
     assert health["running_requests"] == 0 and health["engine_requests"] == 0, health
     assert health["client_disconnects"] == before + 1
+
+
+def test_prefix_cache_shares_an_image_block_only_as_far_as_its_routing_allows(server, reference):
+    """The global tokens and the separator do not depend on the text, the kept local tokens do: the same request
+    again reuses every full KV block of its prompt; the same image with another question reuses the blocks up to the
+    end of the global tokens and the separator, not the differently routed local tokens."""
+    body = chat_body("router_top_p_0.5")
+    post(server, body)
+    same = post(server, body).json()["usage"]
+    other = chat_body("router_top_p_0.5")
+    other["messages"][0]["content"][-1]["text"] = "Which colours dominate?"
+    routed = post(server, other).json()["usage"]
+    budget, routed_budget = same["image_token_budget"][0], routed["image_token_budget"][0]
+    assert budget["local_kept"] != routed_budget["local_kept"]  # another question, another routing
+    ids = reference.inputs("router_top_p_0.5")["input_ids"][0].tolist()
+    image_end_of_global = ids.index(reference.model.config.image_token_id) + budget["global"] + budget["separator"]
+    # vLLM reuses whole blocks and always computes the prompt's last position
+    assert same["prompt_tokens_details"]["cached_tokens"] == (same["prompt_tokens"] - 1) // BLOCK_SIZE * BLOCK_SIZE
+    cached = routed["prompt_tokens_details"]["cached_tokens"]
+    assert image_end_of_global // BLOCK_SIZE * BLOCK_SIZE <= cached < same["prompt_tokens_details"]["cached_tokens"]
