@@ -9,6 +9,7 @@ local image tokens the router kept per benchmark. Needs the `[eval]` environment
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -108,6 +109,8 @@ def evaluate(args: argparse.Namespace) -> None:
             raise ValueError(f"--include_path {folder}: not a folder")
     if not os.path.isdir(args.model) and (args.model.startswith((".", "/", "~")) or os.path.exists(args.model)):
         raise ValueError(f"--model {args.model}: no such folder")
+    if importlib.util.find_spec("lmms_eval") is None:
+        raise ValueError("lmms-eval is not installed: see the README's Evaluation section (the [eval] install)")
     release = resolve_release(args.model, args.release)
     import torch
 

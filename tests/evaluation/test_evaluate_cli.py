@@ -173,3 +173,18 @@ def test_command_runs_the_package_tasks_after_the_callers(tmp_path):
     model_args = command[command.index("--model_args") + 1]
     assert model_args == f"pretrained=m,dtype=float32,budget_log={tmp_path / 'token_budget.jsonl'}"
     assert command[command.index("--limit") + 1] == "5"
+
+
+def test_missing_lmms_eval_is_named(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    from slime_hf.evaluate import main
+
+    find_spec = importlib.util.find_spec
+
+    def without_lmms_eval(name, *args):
+        return None if name == "lmms_eval" else find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", without_lmms_eval)
+    assert main(["--model", str(checkpoint("V")), "--output", str(tmp_path)]) == 2
+    assert "lmms-eval is not installed" in capsys.readouterr().err
