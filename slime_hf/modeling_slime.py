@@ -8,6 +8,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, GenerationMixin, LogitsProcessorList, PreTrainedModel
 from transformers.activations import ACT2FN
+from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.utils import ModelOutput, logging
 
@@ -1235,26 +1237,85 @@ def _reusable_cache_length(cache, prepared: SliMEPreparedInputs) -> int:
     return length if bool(same.all()) else int((~same).float().argmax())
 
 
-def _merge_row_caches(row_caches: list, lengths: list[int], text_config) -> Any | None:
-    """One left-padded `DynamicCache` holding each row's cache at the end of its row (zeros before: padding, which
-    the attention mask hides), or None where a cache layer is not a plain full-attention `DynamicLayer` (sliding
-    windows, quantized or static layers keep their own layout, which a merge would break)."""
-    from transformers.cache_utils import DynamicCache, DynamicLayer
+class SliMEGrowingCacheLayer(DynamicLayer):
+    """A full-attention cache layer that writes each step's keys and values into spare room of a buffer.
 
-    if any(type(layer) is not DynamicLayer for cache in row_caches for layer in getattr(cache, "layers", [None])):
+    `DynamicLayer` concatenates at every step, copying the whole cache into a fresh allocation: for a batch of long
+    multimodal prompts (8 rows of 1,500 positions: about 50 MB per layer and tensor) that copy, and on a CPU the page
+    faults of the fresh allocation, cost more than the step's matrix products. Here `keys` and `values` are views of
+    the filled part of buffers that grow by a quarter of their length when full (the attention reads the views as
+    they are). Anything that replaces `keys` (beam reordering, batch selection, offloading) is taken over as a new
+    buffer at the next update; `crop` keeps a view, and the next update writes over the cropped positions.
+    """
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length, end = self.get_seq_length(), self.get_seq_length() + key_states.shape[-2]
+        if not self._fits(end, key_states):
+            self._take_over(end, key_states, value_states)
+        self._key_buffer[..., length:end, :] = key_states
+        self._value_buffer[..., length:end, :] = value_states
+        self.keys, self.values = self._key_buffer[..., :end, :], self._value_buffer[..., :end, :]
+        return self.keys, self.values
+
+    def _fits(self, needed: int, key_states: torch.Tensor) -> bool:
+        """Whether `keys` is still a view of this layer's buffer, with room for `needed` positions."""
+        buffer = getattr(self, "_key_buffer", None)
+        return (
+            buffer is not None
+            and needed <= buffer.shape[-2]
+            and buffer.shape[:-2] == key_states.shape[:-2]
+            and self.keys.data_ptr() == buffer.data_ptr()
+            and self.keys.stride() == buffer.stride()
+        )
+
+    def _take_over(self, needed: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """New zeroed buffers shaped like the states, with room for `needed` positions and a quarter more, holding
+        the current keys and values."""
+        capacity = needed + max(64, needed // 4)
+        length = self.get_seq_length()
+        self._key_buffer = key_states.new_zeros(*key_states.shape[:-2], capacity, key_states.shape[-1])
+        self._value_buffer = value_states.new_zeros(*value_states.shape[:-2], capacity, value_states.shape[-1])
+        if length:
+            self._key_buffer[..., :length, :] = self.keys
+            self._value_buffer[..., :length, :] = self.values
+
+    def reset(self) -> None:
+        """Empties the layer (its buffers are dropped, as `DynamicLayer` drops its tensors)."""
+        self.keys = self.values = self._key_buffer = self._value_buffer = None
+        self.is_initialized = False
+
+
+def growing_cache(text_config) -> Any | None:
+    """A `DynamicCache` whose layers are [`SliMEGrowingCacheLayer`]s, or None where the text model's layers are not
+    all plain full-attention layers (sliding windows and other layouts keep transformers' own cache)."""
+    cache = DynamicCache(config=text_config)
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
         return None
-    total = max(lengths)
-    merged = DynamicCache(config=text_config)
-    for index in range(len(row_caches[0].layers)):
+    cache.layers = [SliMEGrowingCacheLayer() for _ in layers]
+    return cache
+
+
+def _merge_row_caches(row_caches: list, lengths: list[int], text_config) -> Any | None:
+    """One left-padded [`growing_cache`] holding each row's cache at the end of its row (zeros before: padding,
+    which the attention mask hides), or None where a cache layer is not a plain full-attention `DynamicLayer`
+    (sliding windows, quantized or static layers keep their own layout, which a merge would break)."""
+    merged = growing_cache(text_config)
+    if merged is None or any(type(layer) is not DynamicLayer for cache in row_caches for layer in cache.layers):
+        return None
+    total, rows = max(lengths), len(row_caches)
+    for index, layer in enumerate(merged.layers):
         first = row_caches[0].layers[index]
-        keys = first.keys.new_zeros(len(row_caches), first.keys.shape[1], total, first.keys.shape[3])
-        values = first.values.new_zeros(len(row_caches), first.values.shape[1], total, first.values.shape[3])
+        layer.lazy_initialization(first.keys, first.values)
+        layer._take_over(total, first.keys.expand(rows, -1, -1, -1), first.values.expand(rows, -1, -1, -1))
         for row, (cache, length) in enumerate(zip(row_caches, lengths)):
-            layer = cache.layers[index]
-            keys[row, :, total - length :] = layer.keys[0]
-            values[row, :, total - length :] = layer.values[0]
-            layer.keys = layer.values = None  # freed as the merge goes: at most one layer is held twice
-        merged.update(keys, values, index)
+            rows_layer = cache.layers[index]
+            layer._key_buffer[row, :, total - length : total] = rows_layer.keys[0]
+            layer._value_buffer[row, :, total - length : total] = rows_layer.values[0]
+            rows_layer.keys = rows_layer.values = None  # freed as the merge goes: at most one layer is held twice
+        layer.keys, layer.values = layer._key_buffer[..., :total, :], layer._value_buffer[..., :total, :]
     return merged
 
 
@@ -1505,10 +1566,19 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
                     cache.crop(reusable - cached)  # a negative count removes that many positions from the end
                 else:
                     cache.reset()
-        if cache is None and self._prefills_rows_separately(prepared, prefill_rows_separately, kwargs):
-            cache = self._prefill_rows(prepared)
+        plain = cache is None and self._decodes_one_sequence_per_prompt(kwargs)
+        if plain:
+            if self._prefills_rows_separately(prepared, prefill_rows_separately, kwargs):
+                cache = self._prefill_rows(prepared)
+            if cache is None:
+                cache = growing_cache(self.config.text_config)
             if cache is not None:
                 kwargs["cache" if GENERATE_TAKES_CACHE else "past_key_values"] = cache
+        elif prefill_rows_separately:
+            raise ValueError(
+                "prefill_rows_separately=True needs one sequence per prompt, no assistant or prompt lookup, the "
+                "dynamic cache, no prefill_chunk_size and no cache passed in"
+            )
         if kwargs.get("streamer") is not None:
             kwargs["streamer"] = _PromptStreamer(kwargs["streamer"], input_ids)
         result = super().generate(
@@ -1534,17 +1604,15 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
         result["selected_indices"] = prepared.selected_indices or []
         return result
 
-    def _prefills_rows_separately(self, prepared: SliMEPreparedInputs, requested: bool | None, kwargs: dict) -> bool:
-        """Whether `generate` prefills the rows one by one (see its `prefill_rows_separately`)."""
-        mask = prepared.attention_mask
-        if requested is False or mask is None or mask.shape[0] < 2:
-            return False
+    def _decoding_setting(self, kwargs: dict, name: str) -> Any:
         config = kwargs.get("generation_config") or self.generation_config
+        return kwargs.get(name, getattr(config, name, None))
 
-        def setting(name: str):
-            return kwargs.get(name, getattr(config, name, None))
-
-        decoding_allows = (
+    def _decodes_one_sequence_per_prompt(self, kwargs: dict) -> bool:
+        """Whether `generate` decodes one sequence per prompt with the dynamic cache and no candidates: then it
+        supplies the cache itself ([`growing_cache`]), and may prefill the rows one by one."""
+        setting = partial(self._decoding_setting, kwargs)
+        return (
             (setting("num_beams") or 1) == 1
             and (setting("num_return_sequences") or 1) == 1
             and setting("use_cache") is not False
@@ -1552,15 +1620,20 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
             and setting("prefill_chunk_size") is None
             and setting("assistant_model") is None
             and setting("prompt_lookup_num_tokens") is None
-            and not setting("output_attentions")
-            and not setting("output_hidden_states")
         )
-        if requested and not decoding_allows:
-            raise ValueError(
-                "prefill_rows_separately=True needs one sequence per prompt, no assistant or prompt lookup, the "
-                "dynamic cache, no prefill_chunk_size and no output_attentions / output_hidden_states"
-            )
-        return decoding_allows and (bool(requested) or not bool(mask.bool().all()))
+
+    def _prefills_rows_separately(self, prepared: SliMEPreparedInputs, requested: bool | None, kwargs: dict) -> bool:
+        """Whether `generate` prefills the rows one by one (see its `prefill_rows_separately`)."""
+        mask = prepared.attention_mask
+        if requested is False or mask is None or mask.shape[0] < 2:
+            return False
+        if self._decoding_setting(kwargs, "output_attentions") or self._decoding_setting(
+            kwargs, "output_hidden_states"
+        ):
+            if requested:
+                raise ValueError("prefill_rows_separately=True cannot return the padded prefill's attentions or states")
+            return False
+        return bool(requested) or not bool(mask.bool().all())
 
     def _prefill_rows(self, prepared: SliMEPreparedInputs) -> Any | None:
         """Runs the text model on each assembled row but its last position, without padding, and merges the rows'

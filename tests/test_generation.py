@@ -432,3 +432,50 @@ def test_rows_prefilled_separately_only_where_decoding_allows(loaded):
         model.generate(**inputs, num_beams=2, max_new_tokens=2, prefill_rows_separately=True)
     beams = model.generate(**inputs, num_beams=2, num_return_sequences=1, max_new_tokens=3, do_sample=False)
     assert beams.shape[0] == 2  # the padded batch is prefilled instead
+
+
+def test_growing_cache_layer_holds_what_a_dynamic_layer_holds():
+    """Prefill, steps past its spare room, crop and rewrite, batch selection: the same keys and values as transformers'
+    concatenating layer, while steps within the spare room write into the same buffer."""
+    from transformers.cache_utils import DynamicLayer
+
+    from slime_hf.modeling_slime import SliMEGrowingCacheLayer
+
+    torch.manual_seed(0)
+    growing, plain = SliMEGrowingCacheLayer(), DynamicLayer()
+
+    def update(length: int, batch: int = 3):
+        keys, values = torch.randn(batch, 2, length, 4), torch.randn(batch, 2, length, 4)
+        got, expected = growing.update(keys, values), plain.update(keys, values)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+        assert growing.get_seq_length() == plain.get_seq_length()
+
+    update(300)
+    buffer = growing.keys.data_ptr()
+    for _ in range(70):  # 300 positions get room for 75 more (a quarter)
+        update(1)
+    assert growing.keys.data_ptr() == buffer
+    for _ in range(10):
+        update(1)
+    assert growing.keys.data_ptr() != buffer  # grown once, the contents kept
+    growing.crop(-5)
+    plain.crop(-5)
+    update(2)
+    indices = torch.tensor([2, 0])
+    growing.batch_select_indices(indices)
+    plain.batch_select_indices(indices)
+    update(1, batch=2)
+    growing.reset()
+    assert growing.get_seq_length() == 0
+
+
+def test_generate_decodes_from_a_growing_cache_where_it_supplies_the_cache(loaded):
+    from slime_hf.modeling_slime import SliMEGrowingCacheLayer
+
+    variant, model = loaded
+    inputs, golden = golden_inputs(variant, model, "single_3crop")
+    out = model.generate(**inputs, **GREEDY, return_dict_in_generate=True)
+    assert new_ids(out.sequences, inputs) == golden["generated_new_ids"]
+    assert all(isinstance(layer, SliMEGrowingCacheLayer) for layer in getattr(out, CACHE_FIELD).layers)
+    beams = model.generate(**inputs, num_beams=2, max_new_tokens=2, return_dict_in_generate=True)
+    assert not any(isinstance(layer, SliMEGrowingCacheLayer) for layer in getattr(beams, CACHE_FIELD).layers)
