@@ -43,6 +43,14 @@ def test_readme_snippets_run_against_the_demo_model(demo_folder, tmp_path, monke
     assert (tmp_path / "SliME-vicuna-7B-hf" / "modeling_slime.py").is_file()
 
 
+def test_readme_snippets_that_need_a_server_compile():
+    """`py` blocks need a running server, several processes or a GPU: they are checked for syntax only."""
+    snippets = re.findall(r"```py\n(.*?)```", README.read_text(), flags=re.S)
+    assert snippets
+    for snippet in snippets:
+        compile(snippet, "README.md", "exec")
+
+
 def test_demo_prints_grid_budget_stages_and_answer(demo_folder, monkeypatch):
     import io
 

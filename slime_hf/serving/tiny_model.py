@@ -18,47 +18,19 @@ def build_tiny_serving_model(folder: str | os.PathLike, seed: int = 0, max_posit
         `Path`: the folder (`SliMEForConditionalGeneration.from_pretrained` and `python -m slime_hf.serve --model`).
     """
     import torch
-    from transformers import AutoTokenizer
 
-    from ..configuration_slime import SliMEConfig
-    from ..demo import DEMO_TOKENIZER
-    from ..image_processing_slime import SliMEImageProcessorPil
+    from ..demo import demo_config, demo_processor
     from ..modeling_slime import SliMEForConditionalGeneration
-    from ..processing_slime import SliMEProcessor
 
     folder = Path(folder)
-    tokenizer = AutoTokenizer.from_pretrained(str(DEMO_TOKENIZER))
-    processor = SliMEProcessor(image_processor=SliMEImageProcessorPil(), tokenizer=tokenizer)
-    config = SliMEConfig(
-        text_config={
-            "model_type": "llama",
-            "vocab_size": len(tokenizer),
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,  # head size 32
-            "num_key_value_heads": 2,
-            "max_position_embeddings": max_position_embeddings,
-            "rms_norm_eps": 1e-5,
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-        },
-        vision_config={
-            "model_type": "clip_vision_model",
-            "hidden_size": 128,
-            "intermediate_size": 256,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "image_size": 336,
-            "patch_size": 14,
-            "hidden_act": "quick_gelu",
-        },
-        image_token_id=processor.image_token_id,
-        separator_token_id=tokenizer(",", add_special_tokens=False).input_ids[-1],
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+    processor = demo_processor()
+    tokenizer = processor.tokenizer
+    config = demo_config(
+        processor,
+        vocab_size=len(tokenizer),  # the image token's row included, as the serving tests' goldens were made
+        num_attention_heads=2,  # head size 32
+        num_key_value_heads=2,
+        max_position_embeddings=max_position_embeddings,
     )
     torch.manual_seed(seed)
     model = SliMEForConditionalGeneration(config).eval()
