@@ -1529,6 +1529,9 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
           a longer conversation may keep other local tokens; the rest of the cache is dropped and recomputed.
         - With `return_dict_in_generate=True`, the output also carries `image_token_budget` and `selected_indices`
           (per image, as on the forward output).
+        - Without a cache passed in, decoding one sequence per prompt uses a `DynamicCache` of
+          [`SliMEGrowingCacheLayer`]s (each step written into spare room, not a copy of the whole cache); beam
+          search, assistants and other cache implementations use transformers' own caches.
 
         Args:
             input_ids, pixel_values, image_sizes, attention_mask: as returned by [`SliMEProcessor`] (padding on
