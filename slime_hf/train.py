@@ -168,20 +168,57 @@ def main(argv: Sequence[str] | None = None, callbacks: list | None = None) -> Sl
     return trainer
 
 
+# How long the process group's teardown may take once every process has passed the final barrier.
+TEARDOWN_DEADLINE_S = 60.0
+
+
 def _leave_process_group(trainer) -> None:
     """Ends a multi-process run cleanly: every process waits until the main one has written the final model, then the
-    process group is destroyed (a process that exits with gloo's worker threads still alive can abort at shutdown)."""
+    process group is destroyed (a process that exits with gloo's worker threads still alive can abort at shutdown).
+    The teardown gets `TEARDOWN_DEADLINE_S` seconds: it can hang on its own (pytorch/pytorch#75097), and by then
+    everything is saved, so a hang is reported and left behind instead of holding the job."""
+    import threading
+
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        trainer.accelerator.wait_for_everyone()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    trainer.accelerator.wait_for_everyone()
+    finished = threading.Event()
+
+    def teardown() -> None:
         dist.destroy_process_group()
+        finished.set()
+
+    threading.Thread(target=teardown, name="process-group-teardown", daemon=True).start()
+    if not finished.wait(TEARDOWN_DEADLINE_S):
+        logger.warning(
+            f"the process group's teardown did not finish within {TEARDOWN_DEADLINE_S:.0f} s; everything is saved, "
+            "so the run ends without it"
+        )
+
+
+def _is_multi_process_run() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
     """`python -m slime_hf.train`: bad input (arguments, paths, data, a sample) ends with a one-line `error: ...` on
-    stderr and exit status 2, without a traceback (`--log_level debug` logs it)."""
-    return run_reporting_errors(main, argv)
+    stderr and exit status 2, without a traceback (`--log_level debug` logs it).
+
+    A process of a multi-process run that succeeded runs its exit handlers (loggers, experiment trackers) and ends
+    without the interpreter's final teardown: everything is saved and every process has passed the final barrier,
+    and the teardown of the collective backends' threads can hang or abort, which would turn a finished run into a
+    stuck or failed job."""
+    status = run_reporting_errors(main, argv)
+    if status == 0 and _is_multi_process_run():
+        import atexit
+
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return status
 
 
 if __name__ == "__main__":

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import FIXTURES, PROJECT_ROOT
@@ -59,20 +61,58 @@ def run_python(
 ) -> subprocess.CompletedProcess:
     """
     Runs `python *args` (the interpreter running the tests) and returns the finished process; with `check`, a non-zero
-    exit fails the test with the end of its stderr.
+    exit fails the test with the end of its stderr. A run still going after `timeout` seconds fails the test with the
+    Python stacks of all its processes (launchers such as `torchrun` included), so a hang says where it hangs.
     """
-    result = subprocess.run(
-        [sys.executable, *args],
+    env = dict(python_env() if env is None else env, PYTHONFAULTHANDLER="1")
+    command = [sys.executable, *args]
+    with subprocess.Popen(
+        command,
         cwd=cwd,
-        env=python_env() if env is None else env,
-        input=stdin,
-        capture_output=True,
+        env=env,
+        stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
-    )
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(stdin, timeout=timeout)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            stdout, stderr = _stop_with_stacks(process)
+            timed_out = True
+    if timed_out:
+        pytest.fail(
+            f"timed out after {timeout} s: {' '.join(command)}\n--- stdout (end)\n{stdout[-2000:]}\n"
+            f"--- stderr (end, with every process's stacks)\n{stderr[-12000:]}",
+            pytrace=False,
+        )
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     if check:
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
+
+
+def _stop_with_stacks(process: subprocess.Popen) -> tuple[str, str]:
+    """SIGABRT to the run and every process below it (faulthandler prints each one's Python stacks; launchers such as
+    `torchrun` start their workers in sessions of their own), then SIGKILL; returns the output collected."""
+    import psutil
+
+    try:
+        tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    for sig, grace in ((signal.SIGABRT, 10), (signal.SIGKILL, 30)):
+        for member in reversed(tree):  # workers first: their stacks are the interesting ones
+            try:
+                member.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
+        try:
+            return process.communicate(timeout=grace)
+        except subprocess.TimeoutExpired:
+            continue
+    return "", ""
 
 
 def run_hidden(script: str, *args: str, cwd: Path) -> dict:

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import FIXTURES
-from helpers import run_python
+from helpers import python_env, run_python
 from slime_hf.train import _resume_target, cli
 from slime_hf.training.trainer import CHECKPOINT_COMPLETE_NAME, last_complete_checkpoint
 from training_helpers import IMAGE_FOLDER
@@ -104,3 +104,51 @@ def test_the_module_exits_with_status_2_and_no_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "error: training data file not found: data.json" in result.stderr
+
+
+def test_a_hanging_process_group_teardown_is_left_behind_after_the_deadline(monkeypatch, caplog):
+    """Once every process has passed the final barrier the run's work is saved: a teardown that never returns (a
+    known torch.distributed hang) is reported after the deadline instead of holding the job."""
+    import threading
+
+    import torch.distributed as dist
+
+    import slime_hf.train as train_module
+
+    release = threading.Event()
+    barriers = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: release.wait(30))
+    monkeypatch.setattr(train_module, "TEARDOWN_DEADLINE_S", 0.2)
+    trainer = SimpleNamespace(accelerator=SimpleNamespace(wait_for_everyone=lambda: barriers.append("barrier")))
+    try:
+        with caplog.at_level(logging.WARNING, logger="slime_hf"):
+            train_module._leave_process_group(trainer)
+    finally:
+        release.set()
+    assert barriers == ["barrier"]
+    assert any("teardown did not finish within 0 s" in r.getMessage() for r in caplog.records)
+
+
+def test_a_finished_multi_process_run_runs_its_exit_handlers_and_skips_the_interpreter_teardown(tmp_path):
+    """`cli` in a process of a multi-process run: exit status 0, `atexit` handlers (trackers, loggers) run, the
+    output is flushed, and the interpreter's finalization is skipped: a thread still running there (as gloo's can
+    be) does not hold the process, while a single process ends the ordinary way and waits for it."""
+    script = (
+        "import atexit, sys, threading, time\n"
+        "import slime_hf.train as train\n"
+        "train.main = lambda argv=None: print('trained', end='')\n"
+        f"atexit.register(lambda: open({str(tmp_path / 'atexit')!r}, 'w').write('ran'))\n"
+        "def linger():\n"
+        "    time.sleep(3)\n"
+        f"    open({str(tmp_path / 'joined')!r}, 'w').write('ran')\n"
+        "threading.Thread(target=linger).start()\n"
+        "sys.exit(train.cli([]))\n"
+    )
+    result = run_python("-c", script, cwd=tmp_path, env=python_env(WORLD_SIZE="2"))
+    assert (result.returncode, result.stdout) == (0, "trained")
+    assert (tmp_path / "atexit").read_text() == "ran"
+    assert not (tmp_path / "joined").exists()
+    single = run_python("-c", script, cwd=tmp_path, env=python_env(WORLD_SIZE="1"))
+    assert (single.returncode, single.stdout) == (0, "trained")
+    assert (tmp_path / "joined").read_text() == "ran"
