@@ -193,7 +193,7 @@ def _leave_process_group(trainer) -> None:
     threading.Thread(target=teardown, name="process-group-teardown", daemon=True).start()
     if not finished.wait(TEARDOWN_DEADLINE_S):
         logger.warning(
-            f"the process group's teardown did not finish within {TEARDOWN_DEADLINE_S:.0f} s; everything is saved, "
+            f"the process group's teardown did not finish within {TEARDOWN_DEADLINE_S:g} s; everything is saved, "
             "so the run ends without it"
         )
 
